@@ -1,0 +1,48 @@
+# Entry points. `make demo` and `make test` work on a fresh machine: each builds what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+REPO ?= model_repository
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+PYTEST_ARGS ?=
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+INSTALLED := $(VENV)/.installed
+EXPORTED := $(REPO)/.exported
+
+.PHONY: help venv export serve demo test perf clean
+help:
+	@echo "make demo    - install, export the embedded model, serve it, run a few prompts, stop"
+	@echo "make test    - install, export, run unit and integration tests (real tritonserver)"
+	@echo "make serve   - run tritonserver in the foreground (HTTP_PORT/GRPC_PORT/METRICS_PORT)"
+	@echo "make export  - export the embedded model into $(REPO)/ (and build/ for the NVIDIA container)"
+	@echo "make perf    - benchmarks; results under perf/results/"
+
+venv: $(INSTALLED)
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+export: $(EXPORTED)
+$(EXPORTED): $(INSTALLED) $(wildcard export/*.py)
+	$(BIN)/nirvana-export --repository $(REPO)
+
+serve: $(EXPORTED)
+	$(BIN)/nirvana-serve --model-repository $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+demo: $(EXPORTED)
+	$(BIN)/python -m nirvana_client.demo --model-repository $(REPO) --output demo_output
+
+test: $(EXPORTED)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf build demo_output perf/results $(EXPORTED)
+	find $(REPO) -path '*/1/*' \( -name '*.onnx' -o -name pipeline.json \) -delete
+	rm -rf $(REPO)/tokenizer/1/tokenizer

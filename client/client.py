@@ -1,0 +1,160 @@
+"""A small client for the ``txt2img`` ensemble.
+
+Example:
+    >>> with Txt2ImgClient("127.0.0.1:8001", protocol="grpc") as client:
+    ...     result = client.generate("a red fox in the snow", seed=7)
+    ...     result.save("fox.png")
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+MODEL = "txt2img"
+OUTPUTS = ("IMAGE", "CACHE_STATUS", "START_STEP", "SIMILARITY", "MATCHED_PROMPT", "SEED_USED",
+           "STEPS_USED", "ADMITTED", "PROMPT_TRUNCATED")
+
+
+class Txt2ImgError(RuntimeError):
+    """The server rejected or failed a request; the message is the server's."""
+
+
+@dataclass
+class GenerationResult:
+    """One generated image and what the cache did for it."""
+
+    image: np.ndarray  # uint8 [H, W, 3]
+    cache_status: str  # "miss", "approximate" or "exact"
+    start_step: int
+    similarity: float
+    matched_prompt: str
+    seed: int
+    steps: int
+    admitted: int
+    prompt_truncated: bool
+    latency_s: float
+
+    @property
+    def steps_skipped(self) -> int:
+        return self.start_step
+
+    @property
+    def hit(self) -> bool:
+        return self.cache_status != "miss"
+
+    def save(self, path: Path) -> Path:
+        from PIL import Image
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(self.image).save(path)
+        return path
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+class Txt2ImgClient:
+    """Sends prompts to the ``txt2img`` ensemble.
+
+    Args:
+        url: host:port of the server (gRPC port for grpc, HTTP port for http).
+        protocol: "grpc" or "http".
+        timeout_s: Per-request network timeout.
+    """
+
+    def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", timeout_s: float = 300.0):
+        if protocol == "grpc":
+            import tritonclient.grpc as module
+        elif protocol == "http":
+            import tritonclient.http as module
+        else:
+            raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
+        self.protocol = protocol
+        self.timeout_s = timeout_s
+        self._module = module
+        if protocol == "http":
+            self._client = module.InferenceServerClient(url, network_timeout=timeout_s,
+                                                        connection_timeout=timeout_s)
+        else:
+            self._client = module.InferenceServerClient(url)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "Txt2ImgClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def is_ready(self) -> bool:
+        try:
+            return bool(self._client.is_server_ready()) and bool(self._client.is_model_ready(MODEL))
+        except Exception:  # noqa: BLE001 - not reachable is "not ready"
+            return False
+
+    def build_inputs(self, prompt: Optional[str], negative_prompt: Optional[str] = None, seed: Optional[int] = None,
+                     steps: Optional[int] = None, guidance_scale: Optional[float] = None):
+        """The request tensors; None leaves an input out (the server applies its default)."""
+        m = self._module
+        inputs = []
+
+        def add(name, array, dtype):
+            tensor = m.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+
+        if prompt is not None:
+            add("PROMPT", np.array([[prompt.encode("utf-8")]], dtype=object), "BYTES")
+        if negative_prompt is not None:
+            add("NEGATIVE_PROMPT", np.array([[negative_prompt.encode("utf-8")]], dtype=object), "BYTES")
+        if seed is not None:
+            add("SEED", np.array([[seed]], dtype=np.int64), "INT64")
+        if steps is not None:
+            add("STEPS", np.array([[steps]], dtype=np.int32), "INT32")
+        if guidance_scale is not None:
+            add("GUIDANCE_SCALE", np.array([[guidance_scale]], dtype=np.float32), "FP32")
+        return inputs
+
+    def generate(self, prompt: Optional[str], negative_prompt: Optional[str] = None, seed: Optional[int] = None,
+                 steps: Optional[int] = None, guidance_scale: Optional[float] = None) -> GenerationResult:
+        """Generate one image.
+
+        Raises:
+            Txt2ImgError: With the server's message (e.g. ``PROMPT: is required``).
+        """
+        inputs = self.build_inputs(prompt, negative_prompt, seed, steps, guidance_scale)
+        outputs = [self._module.InferRequestedOutput(name) for name in OUTPUTS]
+        start = time.perf_counter()
+        try:
+            if self.protocol == "grpc":
+                result = self._client.infer(MODEL, inputs, outputs=outputs, client_timeout=self.timeout_s)
+            else:
+                result = self._client.infer(MODEL, inputs, outputs=outputs)
+        except self._module.InferenceServerException as exc:
+            raise Txt2ImgError(exc.message() or str(exc)) from None
+        latency = time.perf_counter() - start
+        return parse_result(result.as_numpy, latency)
+
+
+def parse_result(as_numpy, latency_s: float) -> GenerationResult:
+    """Build a :class:`GenerationResult` from a response's ``as_numpy`` accessor."""
+    return GenerationResult(
+        image=as_numpy("IMAGE")[0],
+        cache_status=_text(as_numpy("CACHE_STATUS").reshape(-1)[0]),
+        start_step=int(as_numpy("START_STEP").reshape(-1)[0]),
+        similarity=float(as_numpy("SIMILARITY").reshape(-1)[0]),
+        matched_prompt=_text(as_numpy("MATCHED_PROMPT").reshape(-1)[0]),
+        seed=int(as_numpy("SEED_USED").reshape(-1)[0]),
+        steps=int(as_numpy("STEPS_USED").reshape(-1)[0]),
+        admitted=int(as_numpy("ADMITTED").reshape(-1)[0]),
+        prompt_truncated=bool(as_numpy("PROMPT_TRUNCATED").reshape(-1)[0]),
+        latency_s=latency_s,
+    )

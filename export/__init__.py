@@ -1,0 +1,1 @@
+"""Export diffusion models to ONNX and write a ready Triton model repository."""

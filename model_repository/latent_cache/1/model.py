@@ -1,0 +1,20 @@
+"""Triton adapter for the latent cache (lookup before the UNet, admission after it).
+
+The cache lives in this model's process: keep instance count 1 so every
+request sees the same cache.
+"""
+
+import triton_python_backend_utils as pb_utils
+
+from nirvana import backend
+from nirvana.config import CacheConfig, parse_parameters
+from nirvana.pipeline import CacheStep
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = parse_parameters(CacheConfig, backend.model_config(args))
+        self.step = CacheStep(backend.version_dir(args), config, backend.device_for(args))
+
+    def execute(self, requests):
+        return backend.serve(pb_utils, requests, self.step, pb_utils.Logger)

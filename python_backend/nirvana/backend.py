@@ -1,0 +1,82 @@
+"""Glue between Triton's Python backend and the pipeline steps.
+
+The ``model.py`` adapters pass in ``triton_python_backend_utils`` (``pb_utils``),
+so this package never imports Triton itself and its logic stays testable.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from nirvana.requests import InvalidInput
+
+Outputs = Dict[str, np.ndarray]
+
+
+def version_dir(args: Mapping[str, str]) -> Path:
+    """The model's version folder, where the export put its artifacts."""
+    return Path(args["model_repository"]) / str(args["model_version"])
+
+
+def model_config(args: Mapping[str, str]) -> Dict[str, Any]:
+    return json.loads(args["model_config"])
+
+
+def read_inputs(pb_utils, request, names: Sequence[str]) -> Dict[str, Optional[np.ndarray]]:
+    """The named inputs of ``request`` as numpy arrays (None where the client sent none)."""
+    values: Dict[str, Optional[np.ndarray]] = {}
+    for name in names:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        values[name] = None if tensor is None else tensor.as_numpy()
+    return values
+
+
+def error_response(pb_utils, exc: BaseException):
+    """INVALID_ARG for bad input (the message names the field), INTERNAL otherwise."""
+    if isinstance(exc, InvalidInput):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(
+        f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL))
+
+
+def serve(pb_utils, requests: List, step, logger=None) -> List:
+    """Run ``step`` over a list of Triton requests and build one response per request.
+
+    ``step`` has ``INPUTS`` (input names) and ``execute(list_of_input_dicts)`` returning,
+    per request, either a dict of output arrays or the exception that request raised.
+    A failure of the whole batch fails every request in it, and the model keeps serving.
+    """
+    batch = [read_inputs(pb_utils, r, step.INPUTS) for r in requests]
+    try:
+        results: List[Union[Outputs, BaseException]] = step.execute(batch)
+    except Exception as exc:  # noqa: BLE001 - reported to every client of the batch
+        if logger is not None and not isinstance(exc, InvalidInput):
+            logger.log_error(traceback.format_exc())
+        results = [exc] * len(requests)
+    responses = []
+    for result in results:
+        if isinstance(result, BaseException):
+            responses.append(error_response(pb_utils, result))
+            continue
+        tensors = []
+        for name, value in result.items():
+            if value.dtype == object:
+                tensors.append(pb_utils.Tensor(name, value))
+            else:
+                tensors.append(pb_utils.Tensor(name, np.ascontiguousarray(value)))
+        responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+    return responses
+
+
+def device_for(args: Mapping[str, str]):
+    """The torch device of this model instance: its GPU for KIND_GPU instances, else the CPU."""
+    import torch
+
+    if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
+        return torch.device("cuda", int(args.get("model_instance_device_id", 0)))
+    return torch.device("cpu")

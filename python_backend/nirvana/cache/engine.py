@@ -1,0 +1,219 @@
+"""The latent cache engine: lookup and admission of noise states.
+
+A cached *entry* is one generated prompt: its embedding (in the index), the
+noise states after each cache step K (in the store), and optionally its final
+latents for the exact-hit fast path. States are evicted one by one; an entry
+leaves the index once it has no state left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Hashable, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+
+from nirvana.cache.index import EmbeddingIndex
+from nirvana.cache.policy import StateStats, eviction_score
+from nirvana.cache.store import DTYPES, DiskTier, LatentStore, MemoryTier
+from nirvana.config import CacheConfig
+from nirvana.steps import scale_steps, start_step_for
+
+MISS, APPROXIMATE, EXACT = "miss", "approximate", "exact"
+FINAL = -1  # step key of an entry's final latents
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What identifies a request's output exactly (the exact-hit key) and its namespace."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    tenant: str = ""
+    model_id: str = ""
+
+    @property
+    def namespace(self) -> Tuple[str, int]:
+        # States are only comparable between runs with the same step schedule.
+        return (self.tenant, self.steps)
+
+    def digest(self) -> str:
+        text = "\x1f".join([self.model_id, self.tenant, self.prompt, self.negative_prompt,
+                            str(self.seed), str(self.steps), repr(float(self.guidance_scale))])
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class LookupResult:
+    """What a lookup decided for one request."""
+
+    status: str
+    start_step: int
+    similarity: float
+    latents: Optional[torch.Tensor] = None
+    matched_prompt: str = ""
+    save_steps: Tuple[int, ...] = ()
+
+
+@dataclass
+class _Entry:
+    entry_id: int
+    key: CacheKey
+    embedding: np.ndarray
+    steps: set = field(default_factory=set)  # cached steps, FINAL included
+
+
+class LatentCache:
+    """Approximate cache of noise states keyed by prompt embedding.
+
+    Args:
+        config: The latent_cache model parameters.
+        embedding_dim: Width of the prompt embeddings.
+        device: Where the device tier lives (CUDA when present); ignored without a device budget.
+    """
+
+    def __init__(self, config: CacheConfig, embedding_dim: int, device: Optional[torch.device] = None):
+        self.config = config
+        self.index = EmbeddingIndex(embedding_dim)
+        tiers = []
+        if config.device_bytes and device is not None and torch.device(device).type == "cuda":
+            tiers.append(MemoryTier(config.device_bytes, device))
+        tiers.append(MemoryTier(config.host_bytes, torch.device("cpu")))
+        if config.disk_bytes:
+            if not config.disk_path:
+                raise ValueError("disk_bytes is set but disk_path is empty")
+            tiers.append(DiskTier(config.disk_bytes, Path(config.disk_path)))
+        self.store = LatentStore(tiers, DTYPES[config.store_dtype])
+        self._score = eviction_score(config.eviction)
+        self._entries: Dict[int, _Entry] = {}
+        self._by_digest: Dict[str, int] = {}
+        self._stats: Dict[Tuple[int, int], StateStats] = {}
+        self._ids = itertools.count(1)
+        self._clock = itertools.count(1)
+        self.counters: Dict[str, int] = {"lookups": 0, "exact_hits": 0, "approximate_hits": 0, "misses": 0,
+                                         "admitted_states": 0, "evicted_states": 0}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def save_steps(self, steps: int) -> Tuple[int, ...]:
+        """The steps whose states a run of ``steps`` steps should return for admission."""
+        return scale_steps(self.config.cache_steps, self.config.base_steps, steps)
+
+    # -- lookup ---------------------------------------------------------------------------------
+
+    def lookup(self, embedding: np.ndarray, key: CacheKey) -> LookupResult:
+        """Find where a request can start.
+
+        Returns:
+            An exact hit (final latents, start_step == steps), an approximate hit (a cached
+            state and its step) or a miss (start_step 0, latents None: the caller makes noise).
+        """
+        self.counters["lookups"] += 1
+        save = self.save_steps(key.steps)
+        if self.config.exact_hit:
+            entry_id = self._by_digest.get(key.digest())
+            if entry_id is not None:
+                state = self._use(entry_id, FINAL)
+                if state is not None:
+                    self.counters["exact_hits"] += 1
+                    return LookupResult(EXACT, key.steps, 1.0, state, key.prompt, ())
+        for entry_id, similarity in self.index.search(key.namespace, embedding, k=4):
+            wanted = start_step_for(similarity, self.config.thresholds, self.config.base_steps, key.steps)
+            if wanted == 0:
+                break  # results are sorted: later ones are less similar
+            entry = self._entries[entry_id]
+            for step in sorted((s for s in entry.steps if 0 < s <= wanted), reverse=True):
+                state = self._use(entry_id, step)
+                if state is not None:
+                    self.counters["approximate_hits"] += 1
+                    return LookupResult(APPROXIMATE, step, similarity, state, entry.key.prompt,
+                                        tuple(s for s in save if s > step))
+        self.counters["misses"] += 1
+        return LookupResult(MISS, 0, 0.0, None, "", save)
+
+    def _use(self, entry_id: int, step: int) -> Optional[torch.Tensor]:
+        state = self.store.get((entry_id, step))
+        if state is None:
+            self._forget_state(entry_id, step)
+            return None
+        stats = self._stats[(entry_id, step)]
+        stats.uses += 1
+        stats.last_used = next(self._clock)
+        self.store.set_score((entry_id, step), self._score(stats))
+        return state
+
+    # -- admission ------------------------------------------------------------------------------
+
+    def admit(self, embedding: np.ndarray, key: CacheKey, checkpoints: Mapping[int, torch.Tensor],
+              final_latents: Optional[torch.Tensor] = None, was_hit: bool = False) -> int:
+        """Store a finished request's states.
+
+        Args:
+            embedding: The request's prompt embedding.
+            key: The request's identity.
+            checkpoints: Step -> latents after that step, as computed by this request.
+            final_latents: The request's final latents (for the exact-hit fast path).
+            was_hit: The request started from a cached state; with ``admit_on_hit`` off,
+                it admits only its final latents.
+
+        Returns:
+            How many states were stored.
+        """
+        states: Dict[int, torch.Tensor] = {}
+        if not was_hit or self.config.admit_on_hit:
+            states.update({int(k): v for k, v in checkpoints.items() if int(k) > 0})
+        if self.config.exact_hit and final_latents is not None:
+            states[FINAL] = final_latents
+        if not states:
+            return 0
+        digest = key.digest()
+        entry_id = self._by_digest.get(digest)
+        if entry_id is None:
+            entry_id = next(self._ids)
+            self._entries[entry_id] = _Entry(entry_id, key, np.asarray(embedding, dtype=np.float32))
+            self._by_digest[digest] = entry_id
+            self.index.add(key.namespace, entry_id, embedding)
+        entry = self._entries[entry_id]
+        stored = 0
+        for step, tensor in states.items():
+            now = next(self._clock)
+            # The final latents save every step of the run: weigh them as K = steps.
+            weight = key.steps if step == FINAL else step
+            stats = self._stats.get((entry_id, step)) or StateStats(weight, inserted=now, last_used=now)
+            self._stats[(entry_id, step)] = stats
+            entry.steps.add(step)
+            dropped = self.store.put((entry_id, step), tensor, self._score(stats))
+            stored += 1
+            for victim in dropped:
+                self.counters["evicted_states"] += 1
+                if victim == (entry_id, step):
+                    stored -= 1
+                self._forget_state(*victim)
+        self.counters["admitted_states"] += stored
+        return stored
+
+    def _forget_state(self, entry_id: int, step: int) -> None:
+        self._stats.pop((entry_id, step), None)
+        self.store.remove((entry_id, step))
+        entry = self._entries.get(entry_id)
+        if entry is None:
+            return
+        entry.steps.discard(step)
+        if not entry.steps:
+            self.index.remove(entry_id)
+            del self._entries[entry_id]
+            self._by_digest.pop(entry.key.digest(), None)
+
+    # -- introspection --------------------------------------------------------------------------
+
+    def stats(self) -> Dict[str, object]:
+        return {"entries": len(self._entries), "states": len(self.store), "tiers": self.store.usage(),
+                **self.counters}

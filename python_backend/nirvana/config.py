@@ -1,0 +1,220 @@
+"""Model configuration: the one place where config.pbtxt ``parameters`` are parsed.
+
+Each Triton model of the pipeline has a dataclass here. Its fields are the
+``parameters`` keys its config.pbtxt may set; anything not set keeps the
+default below. Facts about the exported model itself (latent shape, scheduler
+config) are not configuration: the export writes them to ``pipeline.json``
+next to the model (see :class:`PipelineSpec`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Tuple, Type, TypeVar
+
+T = TypeVar("T")
+
+PIPELINE_FILE = "pipeline.json"
+
+
+class ConfigError(ValueError):
+    """A config.pbtxt parameter or pipeline.json value is missing or malformed."""
+
+
+def _parse_thresholds(text: str) -> Tuple[Tuple[float, int], ...]:
+    """Parse ``"0.95:25,0.90:20"`` into ``((0.95, 25), (0.90, 20))``, highest first."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            sim, step = item.split(":")
+            pairs.append((float(sim), int(step)))
+        except ValueError as exc:
+            raise ConfigError(f"bad threshold {item!r}; expected SIMILARITY:STEP") from exc
+    return tuple(sorted(pairs, reverse=True))
+
+
+def _convert(name: str, text: str, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    try:
+        if annotation is bool:
+            lowered = text.strip().lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return lowered in ("true", "1", "yes")
+        if annotation is int:
+            return int(text)
+        if annotation is float:
+            return float(text)
+        if annotation is str:
+            return text
+        if name == "thresholds":
+            return _parse_thresholds(text)
+        if origin is tuple:
+            item_type = typing.get_args(annotation)[0]
+            return tuple(item_type(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise ConfigError(f"parameter {name!r}: cannot parse {text!r} as {annotation}") from exc
+    raise ConfigError(f"parameter {name!r}: unsupported type {annotation}")
+
+
+def parse_parameters(cls: Type[T], model_config: Mapping[str, Any] | str) -> T:
+    """Build ``cls`` from a Triton model config's ``parameters`` section.
+
+    Args:
+        cls: A dataclass whose fields name the accepted parameters.
+        model_config: The model config as Triton hands it to a Python backend model
+            (JSON text or the decoded dict).
+
+    Returns:
+        An instance of ``cls``; unset fields keep their defaults.
+
+    Raises:
+        ConfigError: On an unknown key or a value that does not parse.
+    """
+    if isinstance(model_config, str):
+        model_config = json.loads(model_config)
+    raw = model_config.get("parameters", {}) or {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        text = value.get("string_value", "") if isinstance(value, Mapping) else str(value)
+        if key not in fields:
+            raise ConfigError(f"unknown parameter {key!r} for {cls.__name__}; known: {sorted(fields)}")
+        values[key] = _convert(key, text, hints[key])
+    config = cls(**values)
+    validate = getattr(config, "validate", None)
+    if validate:
+        validate()
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestDefaults:
+    """Defaults and limits of the per-request inputs (``tokenizer`` model, the pipeline's entry)."""
+
+    default_steps: int = 50
+    max_steps: int = 200
+    default_guidance_scale: float = 7.5
+    max_guidance_scale: float = 50.0
+    max_prompt_bytes: int = 1 << 20
+
+    def validate(self) -> None:
+        if not 1 <= self.default_steps <= self.max_steps:
+            raise ConfigError("default_steps must be within 1..max_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """The ``latent_cache`` model: which states are kept and when they are reused.
+
+    Thresholds map the cosine similarity of prompt embeddings to the step K to
+    resume from, at ``base_steps`` denoising steps; both scale with a request's
+    STEPS (see :func:`nirvana.steps.scale_steps`). The defaults are the paper's,
+    measured on CLIP embeddings.
+    """
+
+    cache_steps: Tuple[int, ...] = (5, 10, 15, 20, 25)
+    base_steps: int = 50
+    thresholds: Tuple[Tuple[float, int], ...] = (
+        (0.95, 25), (0.90, 20), (0.85, 15), (0.75, 10), (0.65, 5))
+    eviction: str = "lcbfu"
+    host_bytes: int = 1 << 30
+    device_bytes: int = 0
+    disk_bytes: int = 0
+    disk_path: str = ""
+    store_dtype: str = "float16"
+    exact_hit: bool = True
+    admit_on_hit: bool = True
+    index: str = "flat"
+    use_gpu: bool = True
+    snapshot_path: str = ""
+
+    def validate(self) -> None:
+        if not self.cache_steps or any(k <= 0 or k >= self.base_steps for k in self.cache_steps):
+            raise ConfigError("cache_steps must be within 1..base_steps-1")
+        unknown = [k for _, k in self.thresholds if k not in self.cache_steps]
+        if unknown:
+            raise ConfigError(f"thresholds name steps {unknown} that are not in cache_steps")
+        if self.eviction not in ("lcbfu", "lru", "lfu", "fifo"):
+            raise ConfigError(f"eviction must be lcbfu, lru, lfu or fifo, not {self.eviction!r}")
+        if self.store_dtype not in ("float16", "float32", "bfloat16"):
+            raise ConfigError("store_dtype must be float16, bfloat16 or float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetLoopConfig:
+    """The ``unet_loop`` model: scheduler and execution provider."""
+
+    scheduler: str = "ddim"
+    execution_provider: str = "auto"
+    io_binding: bool = True
+    intra_op_threads: int = 0
+
+    def validate(self) -> None:
+        from nirvana.schedulers import SCHEDULERS
+
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"scheduler must be one of {sorted(SCHEDULERS)}, not {self.scheduler!r}")
+        if self.execution_provider not in ("auto", "cpu", "cuda", "tensorrt"):
+            raise ConfigError("execution_provider must be auto, cpu, cuda or tensorrt")
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxModelConfig:
+    """A Python-backend model that runs one ONNX graph (text_encoder, vae_decoder on the CPU path)."""
+
+    execution_provider: str = "auto"
+    intra_op_threads: int = 0
+
+    def validate(self) -> None:
+        if self.execution_provider not in ("auto", "cpu", "cuda", "tensorrt"):
+            raise ConfigError("execution_provider must be auto, cpu, cuda or tensorrt")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    """Facts about an exported model, written by the export next to each model.
+
+    Attributes:
+        model_id: Identifies the weights; part of the exact-hit key.
+        latent_channels: UNet input channels.
+        latent_height: Latent rows (image height / vae_scale_factor).
+        latent_width: Latent columns.
+        vae_scale_factor: Image pixels per latent pixel.
+        embedding_dim: Width of the pooled prompt embedding (the cache key).
+        hidden_dim: Width of the per-token hidden states that condition the UNet.
+        max_length: Tokens per prompt.
+        scheduler_config: The diffusers scheduler config of the checkpoint.
+    """
+
+    model_id: str
+    latent_channels: int
+    latent_height: int
+    latent_width: int
+    vae_scale_factor: int
+    embedding_dim: int
+    hidden_dim: int
+    max_length: int
+    scheduler_config: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def latent_shape(self) -> Tuple[int, int, int]:
+        return (self.latent_channels, self.latent_height, self.latent_width)
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / PIPELINE_FILE
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def load(cls, directory: Path) -> "PipelineSpec":
+        path = Path(directory) / PIPELINE_FILE
+        if not path.exists():
+            raise ConfigError(f"{path} is missing: run the export first (make export)")
+        data = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

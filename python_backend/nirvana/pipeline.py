@@ -1,0 +1,248 @@
+"""The pipeline's steps, one class per Triton model, over numpy inputs and outputs.
+
+Each step has ``INPUTS`` and ``execute(batch)``: ``batch`` holds one dict of
+input arrays per Triton request (leading dimension = that request's batch
+size); the result holds, per request, a dict of output arrays or the
+exception that request raised. Triton adapters call them through
+:func:`nirvana.backend.serve`; tests call them directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from nirvana import requests as rq
+from nirvana.cache import CacheKey, LatentCache
+from nirvana.cache.engine import MISS
+from nirvana.config import CacheConfig, OnnxModelConfig, PipelineSpec, RequestDefaults, UNetLoopConfig
+from nirvana.onnx_session import OnnxModel
+from nirvana.text import PromptTokenizer
+from nirvana.unet_loop import DenoiseJob, StepRangeLoop
+
+Batch = List[Dict[str, Optional[np.ndarray]]]
+Results = List[Union[Dict[str, np.ndarray], BaseException]]
+
+
+def _bytes_column(values: Sequence[str]) -> np.ndarray:
+    return np.array([[v.encode("utf-8")] for v in values], dtype=object)
+
+
+def _split(array: np.ndarray, counts: Sequence[int]) -> List[np.ndarray]:
+    return np.split(array, np.cumsum(counts)[:-1]) if counts else []
+
+
+def _each(batch: Batch, fn) -> Results:
+    """Apply ``fn`` per request, turning its InvalidInput into that request's error."""
+    results: Results = []
+    for inputs in batch:
+        try:
+            results.append(fn(inputs))
+        except rq.InvalidInput as exc:
+            results.append(exc)
+    return results
+
+
+class TokenizerStep:
+    """Entry of the pipeline: validates the request, resolves defaults, tokenizes both prompts."""
+
+    INPUTS = ("PROMPT", "NEGATIVE_PROMPT", "SEED", "STEPS", "GUIDANCE_SCALE")
+
+    def __init__(self, directory: Path, defaults: RequestDefaults):
+        self.defaults = defaults
+        spec = PipelineSpec.load(directory)
+        self.tokenizer = PromptTokenizer(Path(directory) / "tokenizer", spec.max_length)
+
+    def execute(self, batch: Batch) -> Results:
+        return _each(batch, self._one)
+
+    def _one(self, inputs) -> Dict[str, np.ndarray]:
+        d = self.defaults
+        rows = rq.batch_rows(inputs["PROMPT"], "PROMPT")
+        prompts = rq.decode_texts(inputs["PROMPT"], "PROMPT", rows, required=True, max_bytes=d.max_prompt_bytes)
+        negatives = rq.decode_texts(inputs["NEGATIVE_PROMPT"], "NEGATIVE_PROMPT", rows, required=False,
+                                    max_bytes=d.max_prompt_bytes)
+        seeds = rq.resolve_seeds(inputs["SEED"], rows)
+        steps = rq.resolve_steps(inputs["STEPS"], rows, d.default_steps, d.max_steps)
+        guidance = rq.resolve_guidance(inputs["GUIDANCE_SCALE"], rows, d.default_guidance_scale,
+                                       d.max_guidance_scale)
+        cond = self.tokenizer(prompts)
+        uncond = self.tokenizer(negatives)
+        return {
+            "INPUT_IDS": cond.input_ids, "ATTENTION_MASK": cond.attention_mask,
+            "NEGATIVE_INPUT_IDS": uncond.input_ids, "NEGATIVE_ATTENTION_MASK": uncond.attention_mask,
+            "RESOLVED_SEED": seeds.reshape(rows, 1), "RESOLVED_STEPS": steps.reshape(rows, 1),
+            "RESOLVED_GUIDANCE_SCALE": guidance.reshape(rows, 1),
+            "PROMPT_TRUNCATED": cond.truncated.reshape(rows, 1),
+        }
+
+
+class OnnxStep:
+    """Runs one ONNX graph over all requests of a batch at once (text_encoder, vae_decoder)."""
+
+    def __init__(self, onnx_path: Path, config: OnnxModelConfig):
+        self.model = OnnxModel(onnx_path, config.execution_provider, config.intra_op_threads)
+        self.INPUTS = tuple(self.model.input_names)
+
+    def execute(self, batch: Batch) -> Results:
+        for inputs in batch:
+            for name, value in inputs.items():
+                if value is None:
+                    raise rq.InvalidInput(name, "is required")
+        counts = [len(inputs[self.INPUTS[0]]) for inputs in batch]
+        feeds = {name: np.concatenate([inputs[name] for inputs in batch]) for name in self.INPUTS}
+        outputs = self.model.run(feeds)
+        split = {name: _split(value, counts) for name, value in outputs.items()}
+        return [{name: split[name][i] for name in outputs} for i in range(len(batch))]
+
+
+class CacheStep:
+    """The latent_cache model: lookup (before the UNet) and admission (after it).
+
+    A request carrying CHECKPOINT_STEPS is an admission; otherwise it is a lookup.
+    """
+
+    INPUTS = ("POOLED_EMBEDDING", "PROMPT", "NEGATIVE_PROMPT", "SEED", "STEPS", "GUIDANCE_SCALE",
+              "START_STEP", "CHECKPOINTS", "CHECKPOINT_STEPS", "FINAL_LATENTS")
+
+    def __init__(self, directory: Path, config: CacheConfig, device: Optional[torch.device] = None):
+        self.spec = PipelineSpec.load(directory)
+        self.config = config
+        self.cache = LatentCache(config, self.spec.embedding_dim, device)
+
+    def execute(self, batch: Batch) -> Results:
+        return _each(batch, self._one)
+
+    def _keys(self, inputs, rows: int) -> List[CacheKey]:
+        prompts = rq.decode_texts(inputs["PROMPT"], "PROMPT", rows, required=True, max_bytes=1 << 30)
+        negatives = rq.decode_texts(inputs["NEGATIVE_PROMPT"], "NEGATIVE_PROMPT", rows, required=False,
+                                    max_bytes=1 << 30)
+        for name in ("SEED", "STEPS", "GUIDANCE_SCALE"):
+            if inputs[name] is None:
+                raise rq.InvalidInput(name, "is required")
+        seeds, steps, guidance = (inputs[n].reshape(-1) for n in ("SEED", "STEPS", "GUIDANCE_SCALE"))
+        return [CacheKey(prompts[i], negatives[i], int(seeds[i]), int(steps[i]), float(guidance[i]),
+                         model_id=self.spec.model_id) for i in range(rows)]
+
+    def _one(self, inputs) -> Dict[str, np.ndarray]:
+        embeddings = inputs["POOLED_EMBEDDING"]
+        if embeddings is None:
+            raise rq.InvalidInput("POOLED_EMBEDDING", "is required")
+        rows = len(embeddings)
+        keys = self._keys(inputs, rows)
+        if inputs["CHECKPOINT_STEPS"] is not None:
+            return self._admit(inputs, embeddings, keys)
+        return self._lookup(embeddings, keys)
+
+    def _lookup(self, embeddings: np.ndarray, keys: List[CacheKey]) -> Dict[str, np.ndarray]:
+        width = len(self.config.cache_steps)
+        latents, start, sims, status, matched = [], [], [], [], []
+        save = np.zeros((len(keys), width), dtype=np.int32)
+        for i, key in enumerate(keys):
+            result = self.cache.lookup(embeddings[i], key)
+            if result.status == MISS:
+                generator = torch.Generator().manual_seed(key.seed)
+                state = torch.randn(self.spec.latent_shape, generator=generator, dtype=torch.float32)
+            else:
+                state = result.latents.to("cpu", torch.float32)
+            latents.append(state.numpy())
+            start.append(result.start_step)
+            sims.append(result.similarity)
+            status.append(result.status)
+            matched.append(result.matched_prompt)
+            save[i, :len(result.save_steps)] = result.save_steps
+        rows = len(keys)
+        return {"LATENTS": np.stack(latents), "START_STEP_OUT": np.array(start, np.int32).reshape(rows, 1),
+                "SIMILARITY": np.array(sims, np.float32).reshape(rows, 1), "CACHE_STATUS": _bytes_column(status),
+                "MATCHED_PROMPT": _bytes_column(matched), "SAVE_STEPS": save}
+
+    def _admit(self, inputs, embeddings: np.ndarray, keys: List[CacheKey]) -> Dict[str, np.ndarray]:
+        steps_in, states = inputs["CHECKPOINT_STEPS"], inputs["CHECKPOINTS"]
+        final, start = inputs["FINAL_LATENTS"], inputs["START_STEP"]
+        if states is None:
+            raise rq.InvalidInput("CHECKPOINTS", "is required with CHECKPOINT_STEPS")
+        admitted = np.zeros((len(keys), 1), dtype=np.int32)
+        for i, key in enumerate(keys):
+            checkpoints = {int(k): torch.from_numpy(np.array(states[i, j]))
+                           for j, k in enumerate(steps_in[i]) if int(k) > 0}
+            final_i = None if final is None else torch.from_numpy(np.array(final[i]))
+            was_hit = start is not None and int(start.reshape(-1)[i]) > 0
+            if start is not None and int(start.reshape(-1)[i]) >= key.steps:
+                continue  # exact hit: nothing new to store
+            admitted[i, 0] = self.cache.admit(embeddings[i], key, checkpoints, final_i, was_hit=was_hit)
+        return {"ADMITTED": admitted}
+
+
+class UNetLoopStep:
+    """The unet_loop model: all requests of a batch denoise together in one step loop."""
+
+    INPUTS = ("HIDDEN_STATES", "NEGATIVE_HIDDEN_STATES", "LATENTS", "START_STEP", "STEPS",
+              "GUIDANCE_SCALE", "SAVE_STEPS")
+
+    def __init__(self, directory: Path, config: UNetLoopConfig):
+        self.spec = PipelineSpec.load(directory)
+        self.config = config
+        self.unet = OnnxModel(Path(directory) / "unet.onnx", config.execution_provider, config.intra_op_threads)
+        self.loop = StepRangeLoop(self._predict_noise, config.scheduler, self.spec.scheduler_config)
+
+    def _predict_noise(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        feeds = {"sample": sample.to(self.unet.device), "timestep": timestep.to(self.unet.device),
+                 "encoder_hidden_states": hidden.to(self.unet.device)}
+        if self.config.io_binding:
+            out = self.unet.run_bound(feeds, output_shapes={"noise_pred": tuple(sample.shape)})
+            return out["noise_pred"].to(sample.device)
+        out = self.unet.run({k: v.cpu().numpy() for k, v in feeds.items()})
+        return torch.from_numpy(out["noise_pred"])
+
+    def execute(self, batch: Batch) -> Results:
+        jobs: List[DenoiseJob] = []
+        owners: List[int] = []
+        results: Results = [None] * len(batch)  # type: ignore[list-item]
+        for r, inputs in enumerate(batch):
+            try:
+                jobs_r = self._jobs(inputs)
+            except rq.InvalidInput as exc:
+                results[r] = exc
+                continue
+            jobs += jobs_r
+            owners += [r] * len(jobs_r)
+        done = self.loop.run(jobs)
+        for r, inputs in enumerate(batch):
+            if results[r] is not None:
+                continue
+            mine = [(job, res) for job, res, owner in zip(jobs, done, owners) if owner == r]
+            width = inputs["SAVE_STEPS"].shape[1]
+            shape = self.spec.latent_shape
+            checkpoints = np.zeros((len(mine), width, *shape), dtype=np.float32)
+            steps = np.zeros((len(mine), width), dtype=np.int32)
+            for i, (job, res) in enumerate(mine):
+                for j, (k, state) in enumerate(sorted(res.checkpoints.items())):
+                    checkpoints[i, j] = state.cpu().numpy()
+                    steps[i, j] = k
+            results[r] = {"FINAL_LATENTS": np.stack([res.latents.cpu().numpy() for _, res in mine]),
+                          "CHECKPOINTS": checkpoints, "CHECKPOINT_STEPS": steps}
+        return results
+
+    def _jobs(self, inputs) -> List[DenoiseJob]:
+        for name in self.INPUTS:
+            if inputs[name] is None:
+                raise rq.InvalidInput(name, "is required")
+        rows = len(inputs["LATENTS"])
+        start = inputs["START_STEP"].reshape(-1)
+        steps = inputs["STEPS"].reshape(-1)
+        guidance = inputs["GUIDANCE_SCALE"].reshape(-1)
+        jobs = []
+        for i in range(rows):
+            if not 0 <= int(start[i]) <= int(steps[i]):
+                raise rq.InvalidInput("START_STEP", f"{int(start[i])} is outside 0..STEPS ({int(steps[i])})")
+            save = tuple(int(k) for k in inputs["SAVE_STEPS"][i] if 0 < int(k) < int(steps[i]))
+            jobs.append(DenoiseJob(
+                latents=torch.from_numpy(np.array(inputs["LATENTS"][i], dtype=np.float32)),
+                prompt_embeds=torch.from_numpy(np.array(inputs["HIDDEN_STATES"][i], dtype=np.float32)),
+                negative_embeds=torch.from_numpy(np.array(inputs["NEGATIVE_HIDDEN_STATES"][i], dtype=np.float32)),
+                start_step=int(start[i]), steps=int(steps[i]), guidance_scale=float(guidance[i]),
+                save_steps=save))
+        return jobs
