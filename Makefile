@@ -30,7 +30,7 @@ $(INSTALLED): pyproject.toml
 	touch $@
 
 export: $(EXPORTED)
-$(EXPORTED): $(INSTALLED) $(wildcard export/*.py)
+$(EXPORTED): $(INSTALLED) $(wildcard export/*.py export/container/*/config.pbtxt $(REPO)/*/config.pbtxt $(REPO)/*/1/model.py)
 	$(BIN)/nirvana-export --repository $(REPO)
 
 serve: $(EXPORTED)

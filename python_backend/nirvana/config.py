@@ -55,6 +55,8 @@ def _convert(name: str, text: str, annotation: Any) -> Any:
         if origin is tuple:
             item_type = typing.get_args(annotation)[0]
             return tuple(item_type(v.strip()) for v in text.split(",") if v.strip())
+    except ConfigError:
+        raise
     except ValueError as exc:
         raise ConfigError(f"parameter {name!r}: cannot parse {text!r} as {annotation}") from exc
     raise ConfigError(f"parameter {name!r}: unsupported type {annotation}")

@@ -125,7 +125,9 @@ class LatentCache:
                 if state is not None:
                     self.counters["exact_hits"] += 1
                     return LookupResult(EXACT, key.steps, 1.0, state, key.prompt, ())
+        best = 0.0
         for entry_id, similarity in self.index.search(key.namespace, embedding, k=4):
+            best = max(best, similarity)
             wanted = start_step_for(similarity, self.config.thresholds, self.config.base_steps, key.steps)
             if wanted == 0:
                 break  # results are sorted: later ones are less similar
@@ -137,7 +139,8 @@ class LatentCache:
                     return LookupResult(APPROXIMATE, step, similarity, state, entry.key.prompt,
                                         tuple(s for s in save if s > step))
         self.counters["misses"] += 1
-        return LookupResult(MISS, 0, 0.0, None, "", save)
+        # A miss still reports the nearest similarity seen, so clients can see how close it came.
+        return LookupResult(MISS, 0, best, None, "", save)
 
     def _use(self, entry_id: int, step: int) -> Optional[torch.Tensor]:
         state = self.store.get((entry_id, step))
@@ -190,7 +193,9 @@ class LatentCache:
             stats = self._stats.get((entry_id, step)) or StateStats(weight, inserted=now, last_used=now)
             self._stats[(entry_id, step)] = stats
             entry.steps.add(step)
-            dropped = self.store.put((entry_id, step), tensor, self._score(stats))
+            # Final latents stay fp32 so an exact hit returns the very same image.
+            dtype = torch.float32 if step == FINAL else None
+            dropped = self.store.put((entry_id, step), tensor, self._score(stats), dtype)
             stored += 1
             for victim in dropped:
                 self.counters["evicted_states"] += 1

@@ -161,15 +161,19 @@ class LatentStore:
     def tier_name(self, key: Hashable) -> str:
         return self._tier_of[key].name
 
-    def put(self, key: Hashable, tensor: torch.Tensor, score: Tuple) -> List[Hashable]:
+    def put(self, key: Hashable, tensor: torch.Tensor, score: Tuple,
+            dtype: Optional[torch.dtype] = None) -> List[Hashable]:
         """Store ``tensor`` under ``key`` in the fastest tier it fits.
+
+        Args:
+            dtype: Overrides the store dtype (exact-hit final latents are kept in fp32).
 
         Returns:
             The keys dropped from the last tier to make room (possibly ``key`` itself).
         """
         if key in self._tier_of:
             self.remove(key)
-        return self._place(0, key, tensor.to(self.dtype), score)
+        return self._place(0, key, tensor.to(dtype or self.dtype), score)
 
     def _place(self, level: int, key, tensor: torch.Tensor, score: Tuple) -> List[Hashable]:
         if level >= len(self.tiers):

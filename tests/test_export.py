@@ -1,0 +1,58 @@
+"""The exported artifacts: real MiniLM similarity, post-processing in the VAE graph, container repository."""
+
+import numpy as np
+import pytest
+
+from nirvana.config import OnnxModelConfig, PipelineSpec
+from nirvana.onnx_session import OnnxModel
+from nirvana.pipeline import OnnxStep, TokenizerStep
+from nirvana.config import RequestDefaults
+
+
+@pytest.fixture(scope="module")
+def encode(repository):
+    tokenizer = TokenizerStep(repository / "tokenizer" / "1", RequestDefaults())
+    encoder = OnnxStep(repository / "text_encoder" / "1" / "model.onnx", OnnxModelConfig())
+
+    def run(prompts):
+        batch = [{"PROMPT": np.array([[p.encode()]], dtype=object), "NEGATIVE_PROMPT": None, "SEED": None,
+                  "STEPS": None, "GUIDANCE_SCALE": None} for p in prompts]
+        tokens = tokenizer.execute(batch)
+        out = encoder.execute([{"INPUT_IDS": t["INPUT_IDS"], "ATTENTION_MASK": t["ATTENTION_MASK"]} for t in tokens])
+        return np.concatenate([o["POOLED_EMBEDDING"] for o in out]), out[0]["HIDDEN_STATES"].shape
+
+    return run
+
+
+def test_cache_key_is_the_real_minilm_sentence_embedding(encode):
+    from sentence_transformers import SentenceTransformer
+
+    from nirvana_export.embedded import minilm_path
+
+    prompts = ["a photo of a cat on a sofa", "a photograph of a cat sitting on a couch", "a city skyline at night"]
+    ours, hidden_shape = encode(prompts)
+    reference = SentenceTransformer(str(minilm_path()), device="cpu").encode(prompts, normalize_embeddings=True)
+    np.testing.assert_allclose(ours, reference, atol=1e-4)
+    assert hidden_shape == (1, 77, 384)
+    similar, unrelated = float(ours[0] @ ours[1]), float(ours[0] @ ours[2])
+    assert similar > 0.8 and unrelated < 0.3
+
+
+def test_vae_graph_outputs_uint8_images(repository):
+    spec = PipelineSpec.load(repository / "vae_decoder" / "1")
+    vae = OnnxModel(repository / "vae_decoder" / "1" / "model.onnx")
+    image = vae.run({"LATENTS": np.random.default_rng(0).standard_normal((2, *spec.latent_shape), np.float32)})["IMAGE"]
+    assert image.dtype == np.uint8
+    assert image.shape == (2, spec.latent_height * spec.vae_scale_factor, spec.latent_width * spec.vae_scale_factor, 3)
+
+
+def test_container_repository_uses_the_onnxruntime_backend(repository):
+    container = repository.parent / "build" / "model_repository_container"
+    for model in ("text_encoder", "vae_decoder"):
+        config = (container / model / "config.pbtxt").read_text()
+        assert 'backend: "onnxruntime"' in config
+        assert (container / model / "1" / "model.onnx").exists()
+        assert not (container / model / "1" / "model.py").exists()
+    for model in ("tokenizer", "latent_cache", "unet_loop"):
+        assert (container / model / "1" / "model.py").exists()
+    assert (container / "txt2img" / "config.pbtxt").read_text() == (repository / "txt2img" / "config.pbtxt").read_text()
