@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="noise seed (default: chosen by the server and printed)")
     parser.add_argument("--steps", type=int, help="denoising steps (server default: 50)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (server default: 7.5)")
+    parser.add_argument("--tenant", help="private cache namespace (letters, digits, _.-)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the image")
     return parser
 
@@ -30,7 +31,8 @@ def main(argv=None) -> int:
     url = args.url or DEFAULT_URLS[args.protocol]
     try:
         with Txt2ImgClient(url, args.protocol, timeout_s=args.timeout) as client:
-            result = client.generate(args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance)
+            result = client.generate(args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance,
+                                     args.tenant)
     except Txt2ImgError as exc:
         print(f"txt2img: server error: {exc}", file=sys.stderr)
         return 2

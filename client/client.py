@@ -101,7 +101,8 @@ class Txt2ImgClient:
             return False
 
     def build_inputs(self, prompt: Optional[str], negative_prompt: Optional[str] = None, seed: Optional[int] = None,
-                     steps: Optional[int] = None, guidance_scale: Optional[float] = None):
+                     steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                     tenant: Optional[str] = None):
         """The request tensors; None leaves an input out (the server applies its default)."""
         m = self._module
         inputs = []
@@ -121,16 +122,21 @@ class Txt2ImgClient:
             add("STEPS", np.array([[steps]], dtype=np.int32), "INT32")
         if guidance_scale is not None:
             add("GUIDANCE_SCALE", np.array([[guidance_scale]], dtype=np.float32), "FP32")
+        if tenant is not None:
+            add("TENANT", np.array([[tenant.encode("utf-8")]], dtype=object), "BYTES")
         return inputs
 
     def generate(self, prompt: Optional[str], negative_prompt: Optional[str] = None, seed: Optional[int] = None,
-                 steps: Optional[int] = None, guidance_scale: Optional[float] = None) -> GenerationResult:
+                 steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                 tenant: Optional[str] = None) -> GenerationResult:
         """Generate one image.
+
+        ``tenant`` selects a private cache namespace: lookups never cross tenants.
 
         Raises:
             Txt2ImgError: With the server's message (e.g. ``PROMPT: is required``).
         """
-        inputs = self.build_inputs(prompt, negative_prompt, seed, steps, guidance_scale)
+        inputs = self.build_inputs(prompt, negative_prompt, seed, steps, guidance_scale, tenant)
         outputs = [self._module.InferRequestedOutput(name) for name in OUTPUTS]
         start = time.perf_counter()
         try:

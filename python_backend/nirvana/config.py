@@ -134,6 +134,7 @@ class CacheConfig:
     index: str = "flat"
     use_gpu: bool = True
     snapshot_path: str = ""
+    snapshot_interval_s: float = 60.0
 
     def validate(self) -> None:
         if not self.cache_steps or any(k <= 0 or k >= self.base_steps for k in self.cache_steps):
@@ -143,6 +144,8 @@ class CacheConfig:
             raise ConfigError(f"thresholds name steps {unknown} that are not in cache_steps")
         if self.eviction not in ("lcbfu", "lru", "lfu", "fifo"):
             raise ConfigError(f"eviction must be lcbfu, lru, lfu or fifo, not {self.eviction!r}")
+        if self.index not in ("flat", "hnsw"):
+            raise ConfigError(f"index must be flat or hnsw, not {self.index!r}")
         if self.store_dtype not in ("float16", "float32", "bfloat16"):
             raise ConfigError("store_dtype must be float16, bfloat16 or float32")
 

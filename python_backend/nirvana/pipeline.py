@@ -9,6 +9,7 @@ exception that request raised. Triton adapters call them through
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -49,7 +50,7 @@ def _each(batch: Batch, fn) -> Results:
 class TokenizerStep:
     """Entry of the pipeline: validates the request, resolves defaults, tokenizes both prompts."""
 
-    INPUTS = ("PROMPT", "NEGATIVE_PROMPT", "SEED", "STEPS", "GUIDANCE_SCALE")
+    INPUTS = ("PROMPT", "NEGATIVE_PROMPT", "SEED", "STEPS", "GUIDANCE_SCALE", "TENANT")
 
     def __init__(self, directory: Path, defaults: RequestDefaults):
         self.defaults = defaults
@@ -65,6 +66,7 @@ class TokenizerStep:
         prompts = rq.decode_texts(inputs["PROMPT"], "PROMPT", rows, required=True, max_bytes=d.max_prompt_bytes)
         negatives = rq.decode_texts(inputs["NEGATIVE_PROMPT"], "NEGATIVE_PROMPT", rows, required=False,
                                     max_bytes=d.max_prompt_bytes)
+        rq.resolve_tenants(inputs.get("TENANT"), rows)
         seeds = rq.resolve_seeds(inputs["SEED"], rows)
         steps = rq.resolve_steps(inputs["STEPS"], rows, d.default_steps, d.max_steps)
         guidance = rq.resolve_guidance(inputs["GUIDANCE_SCALE"], rows, d.default_guidance_scale,
@@ -105,16 +107,34 @@ class CacheStep:
     A request carrying CHECKPOINT_STEPS is an admission; otherwise it is a lookup.
     """
 
-    INPUTS = ("POOLED_EMBEDDING", "PROMPT", "NEGATIVE_PROMPT", "SEED", "STEPS", "GUIDANCE_SCALE",
+    INPUTS = ("POOLED_EMBEDDING", "PROMPT", "NEGATIVE_PROMPT", "SEED", "STEPS", "GUIDANCE_SCALE", "TENANT",
               "START_STEP", "CHECKPOINTS", "CHECKPOINT_STEPS", "FINAL_LATENTS")
 
     def __init__(self, directory: Path, config: CacheConfig, device: Optional[torch.device] = None):
         self.spec = PipelineSpec.load(directory)
         self.config = config
         self.cache = LatentCache(config, self.spec.embedding_dim, device)
+        self.restore_report: Dict[str, object] = {}
+        self._last_snapshot = time.monotonic()
+        self._dirty = False
+        if config.snapshot_path:
+            self.restore_report = self.cache.restore(Path(config.snapshot_path))
 
     def execute(self, batch: Batch) -> Results:
-        return _each(batch, self._one)
+        results = _each(batch, self._one)
+        self.maybe_snapshot()
+        return results
+
+    def maybe_snapshot(self, force: bool = False) -> Optional[Path]:
+        """Snapshot when configured and due (every ``snapshot_interval_s``), or now with ``force``."""
+        if not self.config.snapshot_path or not (self._dirty or force):
+            return None
+        interval = self.config.snapshot_interval_s
+        if not force and (interval <= 0 or time.monotonic() - self._last_snapshot < interval):
+            return None
+        self._last_snapshot = time.monotonic()
+        self._dirty = False
+        return self.cache.snapshot(Path(self.config.snapshot_path))
 
     def _keys(self, inputs, rows: int) -> List[CacheKey]:
         prompts = rq.decode_texts(inputs["PROMPT"], "PROMPT", rows, required=True, max_bytes=1 << 30)
@@ -124,8 +144,9 @@ class CacheStep:
             if inputs[name] is None:
                 raise rq.InvalidInput(name, "is required")
         seeds, steps, guidance = (inputs[n].reshape(-1) for n in ("SEED", "STEPS", "GUIDANCE_SCALE"))
+        tenants = rq.resolve_tenants(inputs.get("TENANT"), rows)
         return [CacheKey(prompts[i], negatives[i], int(seeds[i]), int(steps[i]), float(guidance[i]),
-                         model_id=self.spec.model_id) for i in range(rows)]
+                         tenant=tenants[i], model_id=self.spec.model_id) for i in range(rows)]
 
     def _one(self, inputs) -> Dict[str, np.ndarray]:
         embeddings = inputs["POOLED_EMBEDDING"]
@@ -173,6 +194,7 @@ class CacheStep:
             if start is not None and int(start.reshape(-1)[i]) >= key.steps:
                 continue  # exact hit: nothing new to store
             admitted[i, 0] = self.cache.admit(embeddings[i], key, checkpoints, final_i, was_hit=was_hit)
+            self._dirty = self._dirty or admitted[i, 0] > 0
         return {"ADMITTED": admitted}
 
 

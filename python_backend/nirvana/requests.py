@@ -7,12 +7,14 @@ the adapter can answer with Triton's INVALID_ARG and keep serving.
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from typing import List, Optional
 
 import numpy as np
 
 MAX_SEED = 2**63 - 1
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class InvalidInput(ValueError):
@@ -114,3 +116,13 @@ def resolve_guidance(array: Optional[np.ndarray], rows: int, default: float, max
         if not math.isfinite(float(g)) or not 0.0 <= float(g) <= maximum:
             raise InvalidInput("GUIDANCE_SCALE", f"{float(g)} is not a finite number in 0..{maximum}")
     return scales.astype(np.float32)
+
+
+def resolve_tenants(array: Optional[np.ndarray], rows: int) -> List[str]:
+    """TENANT per row ("" = the shared namespace): 1-64 of letters, digits, ``_.-``."""
+    tenants = decode_texts(array, "TENANT", rows, required=False, max_bytes=64)
+    for tenant in tenants:
+        if tenant and not TENANT_PATTERN.fullmatch(tenant):
+            raise InvalidInput("TENANT", f"{tenant!r} is not 1-64 letters, digits, '_', '.' or '-' "
+                                         "starting with a letter or digit")
+    return tenants

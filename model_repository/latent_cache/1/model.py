@@ -15,6 +15,13 @@ class TritonPythonModel:
     def initialize(self, args):
         config = parse_parameters(CacheConfig, backend.model_config(args))
         self.step = CacheStep(backend.version_dir(args), config, backend.device_for(args))
+        report = self.step.restore_report
+        if report.get("snapshot") or report.get("problems"):
+            pb_utils.Logger.log_info(f"latent_cache restored {report}")
 
     def execute(self, requests):
         return backend.serve(pb_utils, requests, self.step, pb_utils.Logger)
+
+    def finalize(self):
+        # A clean shutdown persists everything admitted since the last periodic snapshot.
+        self.step.maybe_snapshot(force=True)

@@ -81,7 +81,7 @@ class LatentCache:
 
     def __init__(self, config: CacheConfig, embedding_dim: int, device: Optional[torch.device] = None):
         self.config = config
-        self.index = EmbeddingIndex(embedding_dim)
+        self.index = EmbeddingIndex(embedding_dim, kind=config.index, use_gpu=config.use_gpu)
         tiers = []
         if config.device_bytes and device is not None and torch.device(device).type == "cuda":
             tiers.append(MemoryTier(config.device_bytes, device))
@@ -216,6 +216,49 @@ class LatentCache:
             self.index.remove(entry_id)
             del self._entries[entry_id]
             self._by_digest.pop(entry.key.digest(), None)
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    def snapshot(self, root: Path) -> Path:
+        """Write an atomic, checksummed snapshot under ``root`` (see :mod:`nirvana.cache.snapshot`)."""
+        from nirvana.cache.snapshot import write_snapshot
+
+        return write_snapshot(self, root)
+
+    def restore(self, root: Path) -> Dict[str, object]:
+        """Load the newest valid snapshot under ``root``; returns what was loaded and skipped."""
+        from nirvana.cache.snapshot import load_snapshot
+
+        return load_snapshot(self, root)
+
+    def _clock_value(self) -> int:
+        return max([s.last_used for s in self._stats.values()] + [s.inserted for s in self._stats.values()] + [0])
+
+    def _restore(self, meta: Mapping, embeddings: np.ndarray, tensors: Mapping[str, torch.Tensor]) -> Tuple[int, int]:
+        entries = states = 0
+        max_id = 0
+        for row, item in enumerate(meta["entries"]):
+            key = CacheKey(**item["key"])
+            kept = [(s["step"], s["stats"]) for s in item["steps"] if f"e{item['id']}_s{s['step']}" in tensors]
+            if not kept or key.digest() in self._by_digest:
+                continue
+            entry_id = int(item["id"])
+            max_id = max(max_id, entry_id)
+            self._entries[entry_id] = _Entry(entry_id, key, np.asarray(embeddings[row], dtype=np.float32))
+            self._by_digest[key.digest()] = entry_id
+            self.index.add(key.namespace, entry_id, embeddings[row])
+            entries += 1
+            for step, stats in kept:
+                stats = StateStats(**stats)
+                self._stats[(entry_id, step)] = stats
+                self._entries[entry_id].steps.add(step)
+                tensor = tensors[f"e{entry_id}_s{step}"]
+                for victim in self.store.put((entry_id, step), tensor, self._score(stats), tensor.dtype):
+                    self._forget_state(*victim)
+                states += 1
+        self._ids = itertools.count(max(max_id, max(self._entries, default=0)) + 1)
+        self._clock = itertools.count(int(meta.get("clock", 0)) + 1)
+        return entries, states
 
     # -- introspection --------------------------------------------------------------------------
 

@@ -1,0 +1,37 @@
+"""Tenants and snapshots against a real tritonserver (gRPC)."""
+
+import pytest
+
+from nirvana.tritonserver import TritonServer
+from nirvana_client import Txt2ImgClient, Txt2ImgError
+from tests.repository_variant import repository_variant
+
+pytestmark = pytest.mark.integration
+
+
+def test_tenants_never_share_cache_entries(server):
+    with Txt2ImgClient(server.grpc_url, "grpc") as client:
+        prompt = "a snowy mountain cabin with warm lights"
+        assert client.generate(prompt, seed=5, steps=10, tenant="alice").cache_status == "miss"
+        assert client.generate(prompt, seed=5, steps=10, tenant="bob").cache_status == "miss"
+        assert client.generate(prompt, seed=5, steps=10).cache_status == "miss"
+        assert client.generate(prompt, seed=5, steps=10, tenant="alice").cache_status == "exact"
+        with pytest.raises(Txt2ImgError, match="TENANT"):
+            client.generate(prompt, tenant="../etc")
+
+
+def test_cache_survives_a_restart_through_its_snapshot(repository, tmp_path):
+    snapshots = tmp_path / "snapshots"
+    variant = repository_variant(repository, tmp_path / "repo", {
+        "latent_cache": {"snapshot_path": str(snapshots), "snapshot_interval_s": "0"}})
+    prompts = ["a paper boat on a puddle", "a neon sign in the rain at night"]
+    with TritonServer(variant) as server, Txt2ImgClient(server.grpc_url, "grpc") as client:
+        before = [client.generate(p, seed=1, steps=10) for p in prompts]
+        assert all(r.cache_status == "miss" for r in before)
+    assert (snapshots / "CURRENT").exists()  # written at shutdown (finalize)
+    with TritonServer(variant) as server, Txt2ImgClient(server.grpc_url, "grpc") as client:
+        after = [client.generate(p, seed=1, steps=10) for p in prompts]
+        assert [r.cache_status for r in after] == ["exact", "exact"]
+        for a, b in zip(before, after):
+            assert (a.image == b.image).all()
+        assert client.generate(prompts[0], seed=2, steps=10).start_step == 5
