@@ -36,6 +36,8 @@ def tiny_unet():
 
     @torch.no_grad()
     def predict(sample, timestep, hidden):
+        if next(unet.parameters()).device != sample.device:
+            unet.to(sample.device)
         return unet(sample, timestep, hidden, return_dict=False)[0]
 
     return predict

@@ -48,13 +48,11 @@ def test_unknown_scheduler_rejected():
 
 def test_committed_configs_parse(repository):
     """Every parameters block in model_repository parses into its dataclass."""
-    import re
-
-    from nirvana.config import OnnxModelConfig
+    from nirvana.config import OnnxModelConfig, read_pbtxt_parameters
 
     classes = {"tokenizer": RequestDefaults, "latent_cache": CacheConfig, "unet_loop": UNetLoopConfig,
                "text_encoder": OnnxModelConfig, "vae_decoder": OnnxModelConfig}
     for model, cls in classes.items():
-        text = (repository / model / "config.pbtxt").read_text()
-        pairs = re.findall(r'key: "([^"]+)" value: \{ string_value: "([^"]*)" \}', text)
-        parse_parameters(cls, pbtxt_params(**dict(pairs)))
+        params = read_pbtxt_parameters(repository / model / "config.pbtxt")
+        assert params["parameters"], model
+        parse_parameters(cls, params)

@@ -56,3 +56,18 @@ def test_container_repository_uses_the_onnxruntime_backend(repository):
     for model in ("tokenizer", "latent_cache", "unet_loop"):
         assert (container / model / "1" / "model.py").exists()
     assert (container / "txt2img" / "config.pbtxt").read_text() == (repository / "txt2img" / "config.pbtxt").read_text()
+
+
+def test_iobinding_path_matches_plain_run(repository):
+    import torch
+
+    spec = PipelineSpec.load(repository / "unet_loop" / "1")
+    unet = OnnxModel(repository / "unet_loop" / "1" / "unet.onnx", "cpu")
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((3, *spec.latent_shape), np.float32),
+             "timestep": np.array([999.0, 500.0, 1.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((3, spec.max_length, spec.hidden_dim), np.float32)}
+    plain = unet.run(feeds)["noise_pred"]
+    bound = unet.run_bound({k: torch.from_numpy(v) for k, v in feeds.items()},
+                           output_shapes={"noise_pred": plain.shape})["noise_pred"]
+    np.testing.assert_array_equal(bound.numpy(), plain)

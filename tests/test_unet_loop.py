@@ -15,23 +15,36 @@ def job(seed=0, start=0, latents=None, steps=20, guidance=7.5, save=(2, 4, 6, 8,
                       start_step=start, steps=steps, guidance_scale=guidance, save_steps=save)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                              reason="needs a CUDA GPU"))]
+
+
+def on(device, j):
+    j.latents, j.prompt_embeds, j.negative_embeds = (x.to(device) for x in
+                                                      (j.latents, j.prompt_embeds, j.negative_embeds))
+    return j
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
-def test_resuming_from_own_checkpoint_gives_the_same_latents(tiny_unet, scheduler):
+def test_resuming_from_own_checkpoint_gives_the_same_latents(tiny_unet, scheduler, device):
     loop = StepRangeLoop(tiny_unet, scheduler, SD_SCHEDULER)
-    full = loop.run([job()])[0]
+    full = loop.run([on(device, job())])[0]
+    assert full.latents.device.type == device
     assert sorted(full.checkpoints) == [2, 4, 6, 8, 10]
     assert full.steps_run == 20
     for k, state in full.checkpoints.items():
-        resumed = loop.run([job(start=k, latents=state)])[0]
+        resumed = loop.run([on(device, job(start=k, latents=state))])[0]
         assert resumed.steps_run == 20 - k
         assert torch.max(torch.abs(resumed.latents - full.latents)) <= 1e-4, k
 
 
-def test_batch_with_different_start_steps_matches_each_alone(tiny_unet):
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_with_different_start_steps_matches_each_alone(tiny_unet, device):
     loop = StepRangeLoop(tiny_unet, "ddim", SD_SCHEDULER)
-    base = loop.run([job(seed=1)])[0]
-    jobs = [job(seed=1), job(seed=2, start=4, latents=base.checkpoints[4]),
-            job(seed=3, start=10, latents=base.checkpoints[10], guidance=1.0)]
+    base = loop.run([on(device, job(seed=1))])[0]
+    jobs = [on(device, j) for j in (job(seed=1), job(seed=2, start=4, latents=base.checkpoints[4]),
+                                    job(seed=3, start=10, latents=base.checkpoints[10], guidance=1.0))]
     alone = [loop.run([j])[0].latents for j in jobs]
     calls_before = loop.unet_calls
     together = loop.run(jobs)

@@ -74,9 +74,12 @@ def serve(pb_utils, requests: List, step, logger=None) -> List:
 
 
 def device_for(args: Mapping[str, str]):
-    """The torch device of this model instance: its GPU for KIND_GPU instances, else the CPU."""
+    """The torch device for this model instance: its GPU for a KIND_GPU instance, else GPU 0 when
+    there is one (a KIND_CPU Python model may still keep tensors on a GPU), else the CPU."""
     import torch
 
-    if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if args.get("model_instance_kind") == "GPU":
         return torch.device("cuda", int(args.get("model_instance_device_id", 0)))
-    return torch.device("cpu")
+    return torch.device("cuda", 0)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Tuple, Type, TypeVar
+from typing import Any, Dict, Mapping, Tuple, Type, TypeVar
 
 T = TypeVar("T")
 
@@ -60,6 +61,17 @@ def _convert(name: str, text: str, annotation: Any) -> Any:
     except ValueError as exc:
         raise ConfigError(f"parameter {name!r}: cannot parse {text!r} as {annotation}") from exc
     raise ConfigError(f"parameter {name!r}: unsupported type {annotation}")
+
+
+def read_pbtxt_parameters(path: Path) -> Dict[str, Any]:
+    """The ``parameters`` of a config.pbtxt file, in the form Triton hands to a model.
+
+    Only the ``{ key: "..." value: { string_value: "..." } }`` entries this project writes are read;
+    tools outside Triton (the simulator, tests) use it to see what the server is configured with.
+    """
+    pairs = re.findall(r'key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"\s*\}',
+                       Path(path).read_text())
+    return {"parameters": {key: {"string_value": value} for key, value in pairs}}
 
 
 def parse_parameters(cls: Type[T], model_config: Mapping[str, Any] | str) -> T:

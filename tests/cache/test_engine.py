@@ -123,3 +123,14 @@ def test_readmission_updates_the_same_entry():
     cache.admit(v, key(), states((25,)))
     assert len(cache) == 1
     assert len(cache.index) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_tier_serves_hits_from_gpu_memory():
+    config = CacheConfig(device_bytes=4 * 8 * 8 * 2 * 5, host_bytes=1 << 20)
+    cache = LatentCache(config, DIM, device=torch.device("cuda"))
+    v = unit(0)
+    cache.admit(v, key(), states(), final_latents=torch.zeros(SHAPE))
+    assert cache.store.usage()["device"]["states"] == 5
+    result = cache.lookup(v, key(seed=9))
+    assert result.latents.is_cuda and result.start_step == 25

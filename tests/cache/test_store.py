@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from nirvana.cache.store import DiskTier, LatentStore, MemoryTier
@@ -41,3 +42,18 @@ def test_corrupt_disk_state_is_never_served(tmp_path):
 def test_zero_budget_tiers_are_skipped(tmp_path):
     store = LatentStore([MemoryTier(0, torch.device("cpu")), MemoryTier(1000, torch.device("cpu"))])
     assert len(store.tiers) == 1
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_device_tier_holds_states_on_the_gpu_and_demotes_to_host():
+    device = MemoryTier(2 * 64 * 2, torch.device("cuda"))
+    host = MemoryTier(10_000, torch.device("cpu"))
+    store = LatentStore([device, host], torch.float16)
+    for key, score in (("a", 1), ("b", 3), ("c", 2)):
+        store.put(key, t(score), (score,))
+    assert store.get("b").is_cuda and store.get("c").is_cuda
+    assert store.tier_name("a") == "host" and not store.get("a").is_cuda
+    assert device.used_bytes <= device.budget_bytes
