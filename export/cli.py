@@ -35,7 +35,8 @@ def export_embedded(repo: Path, max_length: int, bar: tqdm) -> PipelineSpec:
     spec = PipelineSpec(model_id=embedded.MODEL_ID, latent_channels=4,
                         latent_height=embedded.IMAGE_SIZE // 8, latent_width=embedded.IMAGE_SIZE // 8,
                         vae_scale_factor=8, embedding_dim=hidden_dim, hidden_dim=hidden_dim,
-                        max_length=max_length, scheduler_config=embedded.SD_SCHEDULER_CONFIG)
+                        max_length=max_length, scheduler_config=embedded.SD_SCHEDULER_CONFIG,
+                        thresholds=embedded.MINILM_THRESHOLDS)
     _write_models(repo, spec, onnx_export.MeanPooledTextEncoder(text_model), tokenizer, unet, vae, bar)
     return spec
 

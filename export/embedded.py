@@ -29,6 +29,12 @@ SD_SCHEDULER_CONFIG = {
     "trained_betas": None,
 }
 
+# Similarity -> K at 50 steps for the all-MiniLM-L6-v2 cache key. The paper's CLIP scale
+# (0.65..0.95) mapped affinely onto MiniLM's: its lower end raised to the 99.9th percentile of
+# unrelated prompt pairs (0.71 on the SD Discord log), its upper end kept at the median
+# similarity of near-duplicate prompt pairs (0.95). See README, "Choosing the thresholds".
+MINILM_THRESHOLDS = [[0.95, 25], [0.91, 20], [0.87, 15], [0.80, 10], [0.72, 5]]
+
 IMAGE_SIZE = 64
 SEED = 0
 MODEL_ID = "embedded-minilm-l6-v2+tiny-sd-unet-128x256x256-seed0"

@@ -260,6 +260,7 @@ def main(argv=None) -> int:
     embedder = RepositoryEmbedder(args.model_repository)
     embeddings = embed_with_cache(embedder, prompts, args.output / "embeddings")
     config = parse_parameters(CacheConfig, read_pbtxt_parameters(args.model_repository / "latent_cache" / "config.pbtxt"))
+    config = config.with_model_thresholds(embedder.spec)
 
     character = characterize(prompts, embeddings)
     pairs = pair_similarities(rows, embeddings)

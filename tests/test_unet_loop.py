@@ -26,7 +26,7 @@ def on(device, j):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp", "lms"])
 def test_resuming_from_own_checkpoint_gives_the_same_latents(tiny_unet, scheduler, device):
     loop = StepRangeLoop(tiny_unet, scheduler, SD_SCHEDULER)
     full = loop.run([on(device, job())])[0]
@@ -34,7 +34,9 @@ def test_resuming_from_own_checkpoint_gives_the_same_latents(tiny_unet, schedule
     assert sorted(full.checkpoints) == [2, 4, 6, 8, 10]
     assert full.steps_run == 20
     for k, state in full.checkpoints.items():
-        resumed = loop.run([on(device, job(start=k, latents=state))])[0]
+        resumed_job = job(start=k, latents=state)
+        resumed_job.history = full.histories[k]
+        resumed = loop.run([on(device, resumed_job)])[0]
         assert resumed.steps_run == 20 - k
         assert torch.max(torch.abs(resumed.latents - full.latents)) <= 1e-4, k
 
@@ -58,3 +60,12 @@ def test_exact_hit_runs_no_step(tiny_unet):
     latents = torch.ones(4, 8, 8)
     result = loop.run([job(start=20, latents=latents)])[0]
     assert result.steps_run == 0 and torch.equal(result.latents, latents)
+
+
+def test_dpmpp_without_history_deviates(tiny_unet):
+    """Why checkpoints carry the solver history: without it DPM-Solver++ restarts at first order."""
+    loop = StepRangeLoop(tiny_unet, "dpmpp", SD_SCHEDULER)
+    full = loop.run([job()])[0]
+    resumed = loop.run([job(start=10, latents=full.checkpoints[10])])[0]
+    assert full.histories[10].shape == (1, 4, 8, 8)
+    assert torch.max(torch.abs(resumed.latents - full.latents)) > 1e-3

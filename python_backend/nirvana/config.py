@@ -20,6 +20,9 @@ T = TypeVar("T")
 
 PIPELINE_FILE = "pipeline.json"
 
+# NIRVANA's similarity -> K thresholds at 50 steps, measured on CLIP text embeddings.
+PAPER_THRESHOLDS = ((0.95, 25), (0.90, 20), (0.85, 15), (0.75, 10), (0.65, 5))
+
 
 class ConfigError(ValueError):
     """A config.pbtxt parameter or pipeline.json value is missing or malformed."""
@@ -127,14 +130,15 @@ class CacheConfig:
 
     Thresholds map the cosine similarity of prompt embeddings to the step K to
     resume from, at ``base_steps`` denoising steps; both scale with a request's
-    STEPS (see :func:`nirvana.steps.scale_steps`). The defaults are the paper's,
-    measured on CLIP embeddings.
+    STEPS (see :func:`nirvana.steps.scale_steps`). Similarity scales differ between
+    embedders, so empty ``thresholds`` means the exported model's own
+    (``PipelineSpec.thresholds``: the paper's for CLIP, calibrated ones for the
+    embedded all-MiniLM-L6-v2).
     """
 
     cache_steps: Tuple[int, ...] = (5, 10, 15, 20, 25)
     base_steps: int = 50
-    thresholds: Tuple[Tuple[float, int], ...] = (
-        (0.95, 25), (0.90, 20), (0.85, 15), (0.75, 10), (0.65, 5))
+    thresholds: Tuple[Tuple[float, int], ...] = PAPER_THRESHOLDS
     eviction: str = "lcbfu"
     host_bytes: int = 1 << 30
     device_bytes: int = 0
@@ -147,6 +151,15 @@ class CacheConfig:
     use_gpu: bool = True
     snapshot_path: str = ""
     snapshot_interval_s: float = 60.0
+
+    def with_model_thresholds(self, spec: "PipelineSpec") -> "CacheConfig":
+        """This config, with the model's thresholds where none are configured."""
+        if self.thresholds or not spec.thresholds:
+            return self
+        config = dataclasses.replace(self, thresholds=tuple(sorted(((float(s), int(k)) for s, k in spec.thresholds),
+                                                                 reverse=True)))
+        config.validate()
+        return config
 
     def validate(self) -> None:
         if not self.cache_steps or any(k <= 0 or k >= self.base_steps for k in self.cache_steps):
@@ -206,6 +219,8 @@ class PipelineSpec:
         hidden_dim: Width of the per-token hidden states that condition the UNet.
         max_length: Tokens per prompt.
         scheduler_config: The diffusers scheduler config of the checkpoint.
+        thresholds: (similarity, K) pairs suited to this model's embedder, used when the
+            latent_cache config sets none.
     """
 
     model_id: str
@@ -217,6 +232,7 @@ class PipelineSpec:
     hidden_dim: int
     max_length: int
     scheduler_config: dict = dataclasses.field(default_factory=dict)
+    thresholds: list = dataclasses.field(default_factory=lambda: [list(p) for p in PAPER_THRESHOLDS])
 
     @property
     def latent_shape(self) -> Tuple[int, int, int]:

@@ -112,7 +112,7 @@ class CacheStep:
 
     def __init__(self, directory: Path, config: CacheConfig, device: Optional[torch.device] = None):
         self.spec = PipelineSpec.load(directory)
-        self.config = config
+        self.config = config = config.with_model_thresholds(self.spec)
         self.cache = LatentCache(config, self.spec.embedding_dim, device)
         self.restore_report: Dict[str, object] = {}
         self._last_snapshot = time.monotonic()

@@ -10,11 +10,11 @@ resuming from a cached step K simply has fewer ticks to go.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from nirvana.schedulers import make_scheduler
+from nirvana.schedulers import capture_history, make_scheduler, restore_history
 
 # (sample [B,C,H,W], timestep [B] float32, encoder_hidden_states [B,L,D]) -> noise prediction [B,C,H,W]
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -32,6 +32,8 @@ class DenoiseJob:
         steps: Total denoising steps.
         guidance_scale: Classifier-free guidance; <= 1 runs the conditional branch only.
         save_steps: Steps after which the latents are returned as checkpoints.
+        history: Multistep solver history saved with the starting state [H, C, H, W]
+            (see :func:`nirvana.schedulers.capture_history`); None for stateless schedulers.
     """
 
     latents: torch.Tensor
@@ -41,14 +43,23 @@ class DenoiseJob:
     steps: int
     guidance_scale: float
     save_steps: Tuple[int, ...] = ()
+    history: Optional[torch.Tensor] = None
 
 
 @dataclass
 class DenoiseResult:
-    """Final latents and the checkpoints taken on the way (step -> latents [C,H,W])."""
+    """Final latents and the checkpoints taken on the way.
+
+    Attributes:
+        latents: Final latents [C,H,W].
+        checkpoints: Step -> latents [C,H,W] after that step.
+        histories: Step -> solver history [H,C,H,W] at that step (H = 0 for stateless schedulers).
+        steps_run: UNet steps this job ran.
+    """
 
     latents: torch.Tensor
     checkpoints: Dict[int, torch.Tensor] = field(default_factory=dict)
+    histories: Dict[int, torch.Tensor] = field(default_factory=dict)
     steps_run: int = 0
 
 
@@ -62,8 +73,13 @@ class _Active:
         self.scheduler = make_scheduler(scheduler_name, scheduler_config)
         self.scheduler.set_timesteps(job.steps, device=job.latents.device)
         self.timesteps = self.scheduler.timesteps
+        if len(self.timesteps) != job.steps:
+            raise ValueError(f"scheduler {scheduler_name} runs {len(self.timesteps)} UNet calls for {job.steps} steps")
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(job.start_step)
+        self.scheduler_name = scheduler_name
+        if job.start_step:
+            restore_history(scheduler_name, self.scheduler, job.history, job.start_step)
         latents = job.latents.to(torch.float32).unsqueeze(0)
         if job.start_step == 0:
             latents = latents * self.scheduler.init_noise_sigma
@@ -139,3 +155,4 @@ class StepRangeLoop:
             a.result.steps_run += 1
             if a.step in a.job.save_steps:
                 a.result.checkpoints[a.step] = a.latents[0].clone()
+                a.result.histories[a.step] = capture_history(a.scheduler_name, a.scheduler, a.latents).clone()

@@ -150,6 +150,7 @@ class LatentCache:
         stats = self._stats[(entry_id, step)]
         stats.uses += 1
         stats.last_used = next(self._clock)
+        stats.floor = self.store.inflation
         self.store.set_score((entry_id, step), self._score(stats))
         return state
 
@@ -190,7 +191,8 @@ class LatentCache:
             now = next(self._clock)
             # The final latents save every step of the run: weigh them as K = steps.
             weight = key.steps if step == FINAL else step
-            stats = self._stats.get((entry_id, step)) or StateStats(weight, inserted=now, last_used=now)
+            stats = self._stats.get((entry_id, step)) or StateStats(weight, inserted=now, last_used=now,
+                                                                    floor=self.store.inflation)
             self._stats[(entry_id, step)] = stats
             entry.steps.add(step)
             # Final latents stay fp32 so an exact hit returns the very same image.

@@ -151,6 +151,8 @@ class LatentStore:
             raise ValueError("the latent store needs at least one tier with a non-zero byte budget")
         self.dtype = dtype
         self._tier_of: Dict[Hashable, Tier] = {}
+        # Score of the last state dropped from the last tier: the aging floor of LCBFU.
+        self.inflation = 0.0
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._tier_of
@@ -177,6 +179,8 @@ class LatentStore:
 
     def _place(self, level: int, key, tensor: torch.Tensor, score: Tuple) -> List[Hashable]:
         if level >= len(self.tiers):
+            if score and isinstance(score[0], (int, float)):
+                self.inflation = max(self.inflation, float(score[0]))
             return [key]
         tier = self.tiers[level]
         nbytes = tensor.numel() * tensor.element_size()
