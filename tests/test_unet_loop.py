@@ -19,7 +19,18 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
                                                               reason="needs a CUDA GPU"))]
 
 
+def tolerance(device, latents):
+    """1e-4 on the CPU. On a GPU, kernels picked per batch size (and TF32 convolutions) change
+    rounding; with TF32 off, the documented bound is 1e-4 relative to the latents' magnitude."""
+    if device == "cpu":
+        return 1e-4
+    return 1e-4 * float(latents.abs().max())
+
+
 def on(device, j):
+    if device == "cuda":  # exact fp32 kernels, see tolerance()
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     j.latents, j.prompt_embeds, j.negative_embeds = (x.to(device) for x in
                                                       (j.latents, j.prompt_embeds, j.negative_embeds))
     return j
@@ -52,7 +63,7 @@ def test_batch_with_different_start_steps_matches_each_alone(tiny_unet, device):
     together = loop.run(jobs)
     assert loop.unet_calls - calls_before == 20  # one UNet call per tick, not per request
     for a, b in zip(alone, together):
-        assert torch.max(torch.abs(a - b.latents)) <= 1e-4
+        assert torch.max(torch.abs(a - b.latents)) <= tolerance(device, a)
 
 
 def test_exact_hit_runs_no_step(tiny_unet):

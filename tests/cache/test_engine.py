@@ -127,7 +127,7 @@ def test_readmission_updates_the_same_entry():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_device_tier_serves_hits_from_gpu_memory():
-    config = CacheConfig(device_bytes=4 * 8 * 8 * 2 * 5, host_bytes=1 << 20)
+    config = CacheConfig(device_bytes=4 * 8 * 8 * 2 * 5, host_bytes=1 << 20, exact_hit=False)
     cache = LatentCache(config, DIM, device=torch.device("cuda"))
     v = unit(0)
     cache.admit(v, key(), states(), final_latents=torch.zeros(SHAPE))
