@@ -29,7 +29,7 @@ class GenerationResult:
     """One generated image and what the cache did for it."""
 
     image: np.ndarray  # uint8 [H, W, 3]
-    cache_status: str  # "miss", "approximate" or "exact"
+    cache_status: str  # "miss", "approximate", "exact" or "disabled"
     start_step: int
     similarity: float
     matched_prompt: str
@@ -45,7 +45,7 @@ class GenerationResult:
 
     @property
     def hit(self) -> bool:
-        return self.cache_status != "miss"
+        return self.cache_status in ("approximate", "exact")
 
     def save(self, path: Path) -> Path:
         from PIL import Image
@@ -102,7 +102,7 @@ class Txt2ImgClient:
 
     def build_inputs(self, prompt: Optional[str], negative_prompt: Optional[str] = None, seed: Optional[int] = None,
                      steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-                     tenant: Optional[str] = None):
+                     tenant: Optional[str] = None, cache: Optional[bool] = None):
         """The request tensors; None leaves an input out (the server applies its default)."""
         m = self._module
         inputs = []
@@ -124,19 +124,22 @@ class Txt2ImgClient:
             add("GUIDANCE_SCALE", np.array([[guidance_scale]], dtype=np.float32), "FP32")
         if tenant is not None:
             add("TENANT", np.array([[tenant.encode("utf-8")]], dtype=object), "BYTES")
+        if cache is not None:
+            add("CACHE", np.array([[cache]], dtype=bool), "BOOL")
         return inputs
 
     def generate(self, prompt: Optional[str], negative_prompt: Optional[str] = None, seed: Optional[int] = None,
                  steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-                 tenant: Optional[str] = None) -> GenerationResult:
+                 tenant: Optional[str] = None, cache: Optional[bool] = None) -> GenerationResult:
         """Generate one image.
 
         ``tenant`` selects a private cache namespace: lookups never cross tenants.
+        ``cache=False`` bypasses the cache (no lookup, no admission), e.g. for A/B measurements.
 
         Raises:
             Txt2ImgError: With the server's message (e.g. ``PROMPT: is required``).
         """
-        inputs = self.build_inputs(prompt, negative_prompt, seed, steps, guidance_scale, tenant)
+        inputs = self.build_inputs(prompt, negative_prompt, seed, steps, guidance_scale, tenant, cache)
         outputs = [self._module.InferRequestedOutput(name) for name in OUTPUTS]
         start = time.perf_counter()
         try:

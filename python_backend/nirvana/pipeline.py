@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from nirvana import requests as rq
-from nirvana.cache import CacheKey, LatentCache
-from nirvana.cache.engine import MISS
+from nirvana.cache import CacheKey, LatentCache, LookupResult
+
+DISABLED = "disabled"
 from nirvana.config import CacheConfig, OnnxModelConfig, PipelineSpec, RequestDefaults, UNetLoopConfig
 from nirvana.onnx_session import OnnxModel
 from nirvana.text import PromptTokenizer
@@ -108,7 +109,7 @@ class CacheStep:
     """
 
     INPUTS = ("POOLED_EMBEDDING", "PROMPT", "NEGATIVE_PROMPT", "SEED", "STEPS", "GUIDANCE_SCALE", "TENANT",
-              "START_STEP", "CHECKPOINTS", "CHECKPOINT_STEPS", "FINAL_LATENTS")
+              "CACHE", "START_STEP", "CHECKPOINTS", "CHECKPOINT_STEPS", "FINAL_LATENTS")
 
     def __init__(self, directory: Path, config: CacheConfig, device: Optional[torch.device] = None):
         self.spec = PipelineSpec.load(directory)
@@ -154,17 +155,23 @@ class CacheStep:
             raise rq.InvalidInput("POOLED_EMBEDDING", "is required")
         rows = len(embeddings)
         keys = self._keys(inputs, rows)
+        enabled = np.ones(rows, dtype=bool) if inputs.get("CACHE") is None else inputs["CACHE"].reshape(-1).astype(bool)
+        if len(enabled) != rows:
+            raise rq.InvalidInput("CACHE", f"expected {rows} values, got {len(enabled)}")
         if inputs["CHECKPOINT_STEPS"] is not None:
-            return self._admit(inputs, embeddings, keys)
-        return self._lookup(embeddings, keys)
+            return self._admit(inputs, embeddings, keys, enabled)
+        return self._lookup(embeddings, keys, enabled)
 
-    def _lookup(self, embeddings: np.ndarray, keys: List[CacheKey]) -> Dict[str, np.ndarray]:
+    def _lookup(self, embeddings: np.ndarray, keys: List[CacheKey], enabled: np.ndarray) -> Dict[str, np.ndarray]:
         width = len(self.config.cache_steps)
         latents, start, sims, status, matched = [], [], [], [], []
         save = np.zeros((len(keys), width), dtype=np.int32)
         for i, key in enumerate(keys):
-            result = self.cache.lookup(embeddings[i], key)
-            if result.status == MISS:
+            if enabled[i]:
+                result = self.cache.lookup(embeddings[i], key)
+            else:  # CACHE=false: a plain full generation, neither looked up nor admitted
+                result = LookupResult(DISABLED, 0, 0.0, None, "", ())
+            if result.latents is None:
                 generator = torch.Generator().manual_seed(key.seed)
                 state = torch.randn(self.spec.latent_shape, generator=generator, dtype=torch.float32)
             else:
@@ -180,13 +187,15 @@ class CacheStep:
                 "SIMILARITY": np.array(sims, np.float32).reshape(rows, 1), "CACHE_STATUS": _bytes_column(status),
                 "MATCHED_PROMPT": _bytes_column(matched), "SAVE_STEPS": save}
 
-    def _admit(self, inputs, embeddings: np.ndarray, keys: List[CacheKey]) -> Dict[str, np.ndarray]:
+    def _admit(self, inputs, embeddings: np.ndarray, keys: List[CacheKey], enabled: np.ndarray) -> Dict[str, np.ndarray]:
         steps_in, states = inputs["CHECKPOINT_STEPS"], inputs["CHECKPOINTS"]
         final, start = inputs["FINAL_LATENTS"], inputs["START_STEP"]
         if states is None:
             raise rq.InvalidInput("CHECKPOINTS", "is required with CHECKPOINT_STEPS")
         admitted = np.zeros((len(keys), 1), dtype=np.int32)
         for i, key in enumerate(keys):
+            if not enabled[i]:
+                continue
             checkpoints = {int(k): torch.from_numpy(np.array(states[i, j]))
                            for j, k in enumerate(steps_in[i]) if int(k) > 0}
             final_i = None if final is None else torch.from_numpy(np.array(final[i]))

@@ -35,3 +35,14 @@ def test_cache_survives_a_restart_through_its_snapshot(repository, tmp_path):
         for a, b in zip(before, after):
             assert (a.image == b.image).all()
         assert client.generate(prompts[0], seed=2, steps=10).start_step == 5
+
+
+def test_cache_can_be_bypassed_per_request(server):
+    with Txt2ImgClient(server.grpc_url, "grpc") as client:
+        prompt = "a field of sunflowers under a thunderstorm"
+        off = client.generate(prompt, seed=8, steps=10, cache=False)
+        assert (off.cache_status, off.start_step, off.admitted) == ("disabled", 0, 0)
+        assert client.generate(prompt, seed=8, steps=10, cache=False).cache_status == "disabled"
+        on = client.generate(prompt, seed=8, steps=10)
+        assert on.cache_status == "miss"  # nothing was admitted while bypassed
+        assert (on.image == off.image).all()
