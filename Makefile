@@ -14,7 +14,12 @@ export TOKENIZERS_PARALLELISM := false
 INSTALLED := $(VENV)/.installed
 EXPORTED := $(REPO)/.exported
 
-.PHONY: help venv export serve demo test perf clean
+# make perf replays the per-user SD Discord trace when a checkout of the shared workloads sits
+# beside this one, else the committed DiffusionDB sample.
+PERF_LOG ?= $(firstword $(wildcard ../shared/workloads/sd_discord_dreambot_W1-dream-2.jsonl) perf/data/diffusiondb_sample.jsonl)
+PERF_LIMIT ?= 120
+
+.PHONY: help venv export serve demo test perf perf-deps clean
 help:
 	@echo "make demo    - install, export the embedded model, serve it, run a few prompts, stop"
 	@echo "make test    - install, export, run unit and integration tests (real tritonserver)"
@@ -41,6 +46,14 @@ demo: $(EXPORTED)
 
 test: $(EXPORTED)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# perf_analyzer (from tritonclient 2.51) needs Debian's libb64 and libcudart.so.12 (a pip wheel).
+perf-deps: $(INSTALLED)
+	dpkg -s libb64-0d >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq libb64-0d)
+	$(BIN)/python -c "import nvidia.cuda_runtime" 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[perf]'
+
+perf: $(EXPORTED) perf-deps
+	$(BIN)/python -m nirvana_perf.run_all --log $(PERF_LOG) --limit $(PERF_LIMIT)
 
 clean:
 	rm -rf build demo_output perf/results $(EXPORTED)

@@ -1,0 +1,203 @@
+"""``make perf``: one report from a fresh server: micro-benchmarks, cache on/off replay, perf_analyzer.
+
+Steps, all against one tritonserver started here on free local ports:
+
+1. Ensemble overhead: the same requests through the ``txt2img`` ensemble and as a
+   client-driven chain of direct model calls (cache bypassed, so both do the same work).
+2. Replay of a real prompt log with the cache off and on, alternated (``nirvana-replay --compare``).
+3. Cache cost: latent_cache compute time per request (lookup + admission, from Triton's
+   statistics) as a fraction of a miss.
+4. perf_analyzer: a concurrency sweep on the ensemble with prompts from the same log;
+   its CSV (with per-composing-model columns) goes into the report.
+
+Everything lands in perf/results/ (report.md, JSON, CSV, PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from nirvana.tritonserver import TritonServer
+from nirvana_perf import replay
+from nirvana_perf.simulate import load_log
+
+MODELS = ("tokenizer", "text_encoder", "latent_cache", "unet_loop", "vae_decoder")
+
+
+def _grpc_inputs(grpc, tensors: Dict[str, np.ndarray]):
+    dtypes = {np.dtype(object): "BYTES", np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32",
+              np.dtype(np.float32): "FP32", np.dtype(bool): "BOOL"}
+    out = []
+    for name, array in tensors.items():
+        t = grpc.InferInput(name, list(array.shape), dtypes[array.dtype])
+        t.set_data_from_numpy(array)
+        out.append(t)
+    return out
+
+
+def direct_chain(client, grpc, prompt: str, seed: int, steps: int) -> float:
+    """The pipeline driven by the client, one direct model call per ensemble step."""
+    start = time.perf_counter()
+    request = {"PROMPT": np.array([[prompt.encode()]], dtype=object), "SEED": np.array([[seed]], np.int64),
+               "STEPS": np.array([[steps]], np.int32)}
+    tok = client.infer("tokenizer", _grpc_inputs(grpc, request))
+    common = {"PROMPT": request["PROMPT"], "SEED": tok.as_numpy("RESOLVED_SEED"),
+              "STEPS": tok.as_numpy("RESOLVED_STEPS"), "GUIDANCE_SCALE": tok.as_numpy("RESOLVED_GUIDANCE_SCALE"),
+              "CACHE": np.array([[False]])}
+    cond = client.infer("text_encoder", _grpc_inputs(grpc, {"INPUT_IDS": tok.as_numpy("INPUT_IDS"),
+                                                            "ATTENTION_MASK": tok.as_numpy("ATTENTION_MASK")}))
+    uncond = client.infer("text_encoder", _grpc_inputs(grpc, {
+        "INPUT_IDS": tok.as_numpy("NEGATIVE_INPUT_IDS"), "ATTENTION_MASK": tok.as_numpy("NEGATIVE_ATTENTION_MASK")}))
+    embedding = cond.as_numpy("POOLED_EMBEDDING")
+    look = client.infer("latent_cache", _grpc_inputs(grpc, {"POOLED_EMBEDDING": embedding, **common}),
+                        outputs=[grpc.InferRequestedOutput(n) for n in ("LATENTS", "START_STEP_OUT", "SAVE_STEPS")])
+    loop = client.infer("unet_loop", _grpc_inputs(grpc, {
+        "HIDDEN_STATES": cond.as_numpy("HIDDEN_STATES"), "NEGATIVE_HIDDEN_STATES": uncond.as_numpy("HIDDEN_STATES"),
+        "LATENTS": look.as_numpy("LATENTS"), "START_STEP": look.as_numpy("START_STEP_OUT"),
+        "STEPS": common["STEPS"], "GUIDANCE_SCALE": common["GUIDANCE_SCALE"], "SAVE_STEPS": look.as_numpy("SAVE_STEPS")}))
+    client.infer("vae_decoder", _grpc_inputs(grpc, {"LATENTS": loop.as_numpy("FINAL_LATENTS")}))
+    client.infer("latent_cache", _grpc_inputs(grpc, {
+        "POOLED_EMBEDDING": embedding, **common, "START_STEP": look.as_numpy("START_STEP_OUT"),
+        "CHECKPOINTS": loop.as_numpy("CHECKPOINTS"), "CHECKPOINT_STEPS": loop.as_numpy("CHECKPOINT_STEPS"),
+        "FINAL_LATENTS": loop.as_numpy("FINAL_LATENTS")}), outputs=[grpc.InferRequestedOutput("ADMITTED")])
+    return time.perf_counter() - start
+
+
+def ensemble_overhead(url: str, prompts: List[str], steps: int) -> Dict[str, float]:
+    import tritonclient.grpc as grpc
+
+    client = grpc.InferenceServerClient(url)
+    ensemble, direct = [], []
+    for i, prompt in enumerate(prompts):
+        inputs = _grpc_inputs(grpc, {"PROMPT": np.array([[prompt.encode()]], dtype=object),
+                                     "SEED": np.array([[i]], np.int64), "STEPS": np.array([[steps]], np.int32),
+                                     "CACHE": np.array([[False]])})
+        t0 = time.perf_counter()
+        client.infer("txt2img", inputs)
+        ensemble.append(time.perf_counter() - t0)
+        direct.append(direct_chain(client, grpc, prompt, i, steps))
+    client.close()
+    e, d = float(np.median(ensemble[1:])), float(np.median(direct[1:]))  # first of each is a warm-up
+    return {"steps": steps, "requests": len(prompts) - 1, "ensemble_p50_s": e, "direct_chain_p50_s": d,
+            "ensemble_minus_direct_s": e - d}
+
+
+def model_statistics(url: str) -> Dict[str, Dict[str, float]]:
+    import tritonclient.grpc as grpc
+
+    client = grpc.InferenceServerClient(url)
+    stats = {}
+    for model in MODELS + ("txt2img",):
+        s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        inf = s.get("inference_stats", {})
+        stats[model] = {
+            "requests": int(inf.get("success", {}).get("count", 0)),
+            "executions": int(s.get("execution_count", 0)),
+            "compute_s": int(inf.get("compute_infer", {}).get("ns", 0)) / 1e9,
+            "queue_s": int(inf.get("queue", {}).get("ns", 0)) / 1e9,
+        }
+    client.close()
+    return stats
+
+
+def perf_analyzer(url: str, log: Path, limit: int, steps: int, concurrency: str, output: Path) -> Dict[str, object]:
+    binary = Path(sys.executable).parent / "perf_analyzer"
+    rows = load_log(log, limit)
+    data = {"data": [{"PROMPT": {"content": [str(r["prompt"])], "shape": [1]},
+                      "STEPS": {"content": [steps], "shape": [1]}} for r in rows]}
+    data_path = output / "perf_analyzer_input.json"
+    data_path.write_text(json.dumps(data))
+    csv_path = output / "perf_analyzer.csv"
+    cudart = Path(sysconfig.get_paths()["purelib"]) / "nvidia" / "cuda_runtime" / "lib"
+    env = dict(os.environ, LD_LIBRARY_PATH=f"{cudart}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+    cmd = [str(binary), "-m", "txt2img", "-u", url, "-i", "grpc", "--input-data", str(data_path),
+           "--concurrency-range", concurrency, "--measurement-interval", "10000", "--max-trials", "4",
+           "--stability-percentage", "50", "-f", str(csv_path), "--verbose-csv"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    (output / "perf_analyzer.log").write_text(proc.stdout + proc.stderr)
+    return {"command": " ".join(cmd), "returncode": proc.returncode, "csv": str(csv_path),
+            "csv_text": csv_path.read_text() if csv_path.exists() else "",
+            "summary": [line for line in proc.stdout.splitlines() if line.startswith("Concurrency:")]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--log", type=Path, default=Path("perf/data/diffusiondb_sample.jsonl"))
+    parser.add_argument("--limit", type=int, default=120, help="requests replayed from the log")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--pa-concurrency", default="1:2", help="perf_analyzer --concurrency-range")
+    parser.add_argument("--output", type=Path, default=Path("perf/results"))
+    args = parser.parse_args(argv)
+    args.output.mkdir(parents=True, exist_ok=True)
+    report: Dict[str, object] = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
+                                            f"{platform.platform()}", "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with TritonServer(args.model_repository) as server:
+        print(f"server up: gRPC {server.grpc_url}", flush=True)
+        print("1/4 ensemble overhead ...", flush=True)
+        prompts = [str(r["prompt"]) for r in load_log(Path("perf/data/diffusiondb_sample.jsonl"), 6)]
+        report["ensemble_overhead"] = ensemble_overhead(server.grpc_url, prompts, args.steps)
+        before = model_statistics(server.grpc_url)
+        print(f"2/4 replay {args.log} ({args.limit} requests, cache off/on alternated) ...", flush=True)
+        rargs = argparse.Namespace(log=args.log, url=server.grpc_url, limit=args.limit, steps=args.steps,
+                                   concurrency=args.concurrency, rate=0.0, compare=True, chunk=20,
+                                   output=args.output / "replay")
+        rep = asyncio.run(replay.run(rargs))
+        rargs.output.mkdir(parents=True, exist_ok=True)
+        (rargs.output / "replay.json").write_text(json.dumps(rep, indent=1))
+        replay.plot(rep, rargs.output / "replay.png")
+        report["replay"] = {k: v for k, v in rep.items() if k != "samples"}
+        report["replay_markdown"] = replay.markdown(rep)
+        after = model_statistics(server.grpc_url)
+        print("3/4 cache cost ...", flush=True)
+        delta = {m: {k: after[m][k] - before[m][k] for k in after[m]} for m in after}
+        served = max(1, delta["txt2img"]["requests"])
+        miss = rep["modes"]["on"]["latency_by_status_s"].get("miss", {}).get("p50") or \
+            rep["modes"]["off"]["latency_s"]["p50"]
+        cache_s = delta["latent_cache"]["compute_s"] / served
+        report["per_model_compute_per_request_s"] = {m: delta[m]["compute_s"] / served for m in MODELS}
+        report["cache_cost"] = {"latent_cache_compute_per_request_s": cache_s, "miss_p50_s": miss,
+                                "fraction_of_miss": cache_s / miss if miss else None}
+        print("4/4 perf_analyzer ...", flush=True)
+        report["perf_analyzer"] = perf_analyzer(server.grpc_url, args.log, 50, args.steps, args.pa_concurrency,
+                                                args.output)
+    (args.output / "report.json").write_text(json.dumps(report, indent=1))
+    (args.output / "report.md").write_text(render(report))
+    print(render(report))
+    return 0 if report["perf_analyzer"]["returncode"] == 0 else 1
+
+
+def render(report: Dict[str, object]) -> str:
+    e, c = report["ensemble_overhead"], report["cache_cost"]
+    lines = [f"# Performance report ({report['started']})", "", f"Machine: {report['machine']}", "",
+             "## Replay, cache off vs on", "", report["replay_markdown"],
+             "## Cost of the pipeline pieces", "",
+             f"- Ensemble vs client-driven chain of direct model calls ({e['steps']} steps, cache bypassed, "
+             f"p50 of {e['requests']}): ensemble {e['ensemble_p50_s']:.3f}s, direct chain "
+             f"{e['direct_chain_p50_s']:.3f}s, difference {e['ensemble_minus_direct_s'] * 1e3:+.1f} ms per request.",
+             f"- latent_cache compute (lookup + admission) per request: {c['latent_cache_compute_per_request_s'] * 1e3:.2f} ms"
+             f" = {c['fraction_of_miss']:.2%} of a miss (p50 {c['miss_p50_s']:.3f}s).",
+             "- Compute per request by model (replay, Triton statistics): " +
+             ", ".join(f"{m} {s * 1e3:.1f} ms" for m, s in report["per_model_compute_per_request_s"].items()),
+             "", "## perf_analyzer", "", f"`{report['perf_analyzer']['command']}`", ""]
+    lines += [f"    {line}" for line in report["perf_analyzer"]["summary"]]
+    lines += ["", "CSV (perf_analyzer.csv):", "", "```", report["perf_analyzer"]["csv_text"].strip(), "```", "",
+              "Plots: replay/replay.png (latency CDF by cache result, K histogram, throughput)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
