@@ -169,8 +169,8 @@ class CacheConfig:
             raise ConfigError(f"thresholds name steps {unknown} that are not in cache_steps")
         if self.eviction not in ("lcbfu", "lru", "lfu", "fifo"):
             raise ConfigError(f"eviction must be lcbfu, lru, lfu or fifo, not {self.eviction!r}")
-        if self.index not in ("flat", "hnsw"):
-            raise ConfigError(f"index must be flat or hnsw, not {self.index!r}")
+        if self.index not in ("flat", "ivf", "hnsw"):
+            raise ConfigError(f"index must be flat, ivf or hnsw, not {self.index!r}")
         if self.store_dtype not in ("float16", "float32", "bfloat16"):
             raise ConfigError("store_dtype must be float16, bfloat16 or float32")
 

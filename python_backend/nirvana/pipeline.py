@@ -193,6 +193,8 @@ class CacheStep:
         if states is None:
             raise rq.InvalidInput("CHECKPOINTS", "is required with CHECKPOINT_STEPS")
         admitted = np.zeros((len(keys), 1), dtype=np.int32)
+        if final is None:
+            raise rq.InvalidInput("FINAL_LATENTS", "is required with CHECKPOINT_STEPS")
         for i, key in enumerate(keys):
             if not enabled[i]:
                 continue
@@ -204,7 +206,8 @@ class CacheStep:
                 continue  # exact hit: nothing new to store
             admitted[i, 0] = self.cache.admit(embeddings[i], key, checkpoints, final_i, was_hit=was_hit)
             self._dirty = self._dirty or admitted[i, 0] > 0
-        return {"ADMITTED": admitted}
+        # The final latents pass through to the VAE, so admission runs whenever IMAGE is asked for.
+        return {"ADMITTED": admitted, "LATENTS": final}
 
 
 class UNetLoopStep:

@@ -17,7 +17,7 @@ operations = st.lists(st.tuples(st.sampled_from(["add", "remove", "search"]), st
 
 
 @settings(max_examples=60, deadline=None)
-@given(ops=operations, kind=st.sampled_from(["flat", "hnsw"]))
+@given(ops=operations, kind=st.sampled_from(["flat", "ivf", "hnsw"]))
 def test_index_returns_only_live_entries_of_the_namespace(ops, kind):
     index = EmbeddingIndex(DIM, kind=kind, use_gpu=False)
     live = {}  # id -> (namespace, vector)
@@ -37,7 +37,7 @@ def test_index_returns_only_live_entries_of_the_namespace(ops, kind):
             expected = {i for i, (ns, _) in live.items() if ns == namespace}
             assert {i for i, _ in hits} <= expected
             assert len(hits) == min(3, len(expected)) or kind == "hnsw"
-            if kind == "flat" and expected:
+            if kind in ("flat", "ivf") and expected:  # ivf is exact below IVF_MIN
                 best = max(float(v @ vector) for i, (ns, v) in live.items() if ns == namespace)
                 assert abs(hits[0][1] - best) < 1e-5
     assert len(index) == len(live)
@@ -99,3 +99,21 @@ def test_engine_never_crosses_tenants_or_returns_evicted_states(reqs, policy, ca
             cache.admit(embedding, key, states, final_latents=torch.tensor([value]),
                         was_hit=result.status != "miss")
         assert cache.store.usage()["host"]["used_bytes"] <= 4 * capacity
+
+
+def test_ivf_shard_trains_keeps_recall_and_survives_removals(monkeypatch):
+    import nirvana.cache.index as index_module
+
+    monkeypatch.setattr(index_module, "IVF_MIN", 500)
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((20, DIM))
+    vectors = normalize(centers[rng.integers(0, 20, 1200)] + 0.3 * rng.standard_normal((1200, DIM)))
+    index = EmbeddingIndex(DIM, kind="ivf", use_gpu=False)
+    for i, v in enumerate(vectors):
+        index.add("ns", i, v)
+    assert isinstance(index._shards["ns"].index, index_module.faiss.IndexIVFFlat)
+    for i in range(0, 1200, 3):
+        index.remove(i)
+    found = sum(index.search("ns", vectors[i], k=1)[0][0] == i for i in range(1, 1200, 3))
+    assert found / 400 >= 0.95
+    assert all(hit[0] % 3 for i in range(0, 1200, 7) for hit in index.search("ns", vectors[i], k=3))

@@ -46,3 +46,22 @@ def test_cache_can_be_bypassed_per_request(server):
         on = client.generate(prompt, seed=8, steps=10)
         assert on.cache_status == "miss"  # nothing was admitted while bypassed
         assert (on.image == off.image).all()
+
+
+def test_a_client_asking_for_image_alone_still_fills_the_cache(server):
+    import numpy as np
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(server.http_url)
+    prompt = np.array([["a red lantern floating on a dark lake".encode()]], dtype=object)
+    inputs = [http.InferInput("PROMPT", [1, 1], "BYTES"), http.InferInput("SEED", [1, 1], "INT64"),
+              http.InferInput("STEPS", [1, 1], "INT32")]
+    inputs[0].set_data_from_numpy(prompt)
+    inputs[1].set_data_from_numpy(np.array([[3]], np.int64))
+    inputs[2].set_data_from_numpy(np.array([[10]], np.int32))
+    first = client.infer("txt2img", inputs, outputs=[http.InferRequestedOutput("IMAGE")])
+    assert first.as_numpy("IMAGE").shape == (1, 64, 64, 3)
+    second = client.infer("txt2img", inputs, outputs=[http.InferRequestedOutput("IMAGE"),
+                                                      http.InferRequestedOutput("CACHE_STATUS")])
+    assert second.as_numpy("CACHE_STATUS").reshape(-1)[0] == b"exact"
+    client.close()
