@@ -9,6 +9,7 @@ exception that request raised. Triton adapters call them through
 
 from __future__ import annotations
 
+import collections
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -116,6 +117,8 @@ class CacheStep:
         self.config = config = config.with_model_thresholds(self.spec)
         self.cache = LatentCache(config, self.spec.embedding_dim, device)
         self.restore_report: Dict[str, object] = {}
+        # Cumulative counters for metrics: lookups by result, hits by K, UNet steps run/saved.
+        self.counters: Dict[str, float] = collections.Counter()
         self._last_snapshot = time.monotonic()
         self._dirty = False
         if config.snapshot_path:
@@ -167,10 +170,17 @@ class CacheStep:
         latents, start, sims, status, matched = [], [], [], [], []
         save = np.zeros((len(keys), width), dtype=np.int32)
         for i, key in enumerate(keys):
+            began = time.perf_counter()
             if enabled[i]:
                 result = self.cache.lookup(embeddings[i], key)
             else:  # CACHE=false: a plain full generation, neither looked up nor admitted
                 result = LookupResult(DISABLED, 0, 0.0, None, "", ())
+            self.counters["lookup_seconds"] += time.perf_counter() - began
+            self.counters[f"lookup_{result.status}"] += 1
+            if result.status == "approximate":
+                self.counters[f"hit_k_{result.start_step}"] += 1
+            self.counters["steps_saved"] += result.start_step
+            self.counters["steps_run"] += key.steps - result.start_step
             if result.latents is None:
                 generator = torch.Generator().manual_seed(key.seed)
                 state = torch.randn(self.spec.latent_shape, generator=generator, dtype=torch.float32)

@@ -8,6 +8,7 @@ import triton_python_backend_utils as pb_utils
 
 from nirvana import backend
 from nirvana.config import CacheConfig, parse_parameters
+from nirvana.metrics import CacheMetrics
 from nirvana.pipeline import CacheStep
 
 
@@ -15,12 +16,15 @@ class TritonPythonModel:
     def initialize(self, args):
         config = parse_parameters(CacheConfig, backend.model_config(args))
         self.step = CacheStep(backend.version_dir(args), config, backend.device_for(args))
+        self.metrics = CacheMetrics(pb_utils)
         report = self.step.restore_report
         if report.get("snapshot") or report.get("problems"):
             pb_utils.Logger.log_info(f"latent_cache restored {report}")
 
     def execute(self, requests):
-        return backend.serve(pb_utils, requests, self.step, pb_utils.Logger)
+        responses = backend.serve(pb_utils, requests, self.step, pb_utils.Logger)
+        self.metrics.publish(self.step)
+        return responses
 
     def finalize(self):
         # A clean shutdown persists everything admitted since the last periodic snapshot.

@@ -153,6 +153,7 @@ class LatentStore:
         self._tier_of: Dict[Hashable, Tier] = {}
         # Score of the last state dropped from the last tier: the aging floor of LCBFU.
         self.inflation = 0.0
+        self.evictions: Dict[str, int] = {t.name: 0 for t in self.tiers}  # states pushed out, per tier
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._tier_of
@@ -192,6 +193,7 @@ class LatentStore:
         dropped: List[Hashable] = []
         while tier.used_bytes > tier.budget_bytes:
             victim = tier.lowest()
+            self.evictions[tier.name] += 1
             victim_tensor = tier.read(victim)
             victim_score = tier.scores.get(victim, ())
             tier.delete(victim)

@@ -1,0 +1,76 @@
+"""Prometheus metrics of the latent cache, through the Python backend's custom metrics API.
+
+Triton serves them on its metrics port (8002) next to its own. ``pb_utils`` is
+passed in by the model adapter, so this module imports nothing from Triton.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+
+class CacheMetrics:
+    """Mirrors a :class:`nirvana.pipeline.CacheStep`'s counters into Triton metric families."""
+
+    def __init__(self, pb_utils, model: str = "latent_cache"):
+        family = pb_utils.MetricFamily
+        self._labels = {"model": model}
+
+        def make(name, text, kind):
+            return family(name=name, description=text, kind=kind)
+
+        self._counter = family.COUNTER
+        self.families = {
+            "lookups": make("nirvana_cache_lookups_total",
+                            "Cache lookups by result (miss, approximate, exact, disabled)", family.COUNTER),
+            "hits_by_k": make("nirvana_cache_approximate_hits_total", "Approximate hits by resumed step K",
+                              family.COUNTER),
+            "steps": make("nirvana_unet_steps_total", "UNet denoising steps, run or saved by the cache",
+                          family.COUNTER),
+            "admitted": make("nirvana_cache_admitted_states_total", "Noise states admitted", family.COUNTER),
+            "evictions": make("nirvana_cache_evictions_total", "States pushed out of a tier (to the next, or "
+                              "dropped from the last)", family.COUNTER),
+            "bytes": make("nirvana_cache_bytes", "Bytes held per store tier", family.GAUGE),
+            "budget": make("nirvana_cache_budget_bytes", "Byte budget per store tier", family.GAUGE),
+            "entries": make("nirvana_cache_entries", "Cached prompts (index entries)", family.GAUGE),
+            "lookup_seconds": make("nirvana_cache_lookup_seconds_total", "Time spent in cache lookups",
+                                   family.COUNTER),
+        }
+        self._metrics: Dict[Tuple[str, Tuple], object] = {}
+        self._published: Dict[Tuple[str, Tuple], float] = {}
+
+    def _metric(self, family: str, **labels):
+        key = (family, tuple(sorted(labels.items())))
+        if key not in self._metrics:
+            self._metrics[key] = self.families[family].Metric(labels={**self._labels, **labels})
+        return key, self._metrics[key]
+
+    def _count(self, family: str, total: float, **labels) -> None:
+        key, metric = self._metric(family, **labels)
+        delta = total - self._published.get(key, 0.0)
+        if delta > 0:
+            metric.increment(delta)
+            self._published[key] = total
+
+    def _set(self, family: str, value: float, **labels) -> None:
+        self._metric(family, **labels)[1].set(value)
+
+    def publish(self, step) -> None:
+        """Bring every metric up to date with ``step`` (a CacheStep)."""
+        counters = step.counters
+        for result in ("miss", "approximate", "exact", "disabled"):
+            self._count("lookups", counters.get(f"lookup_{result}", 0), result=result)
+        for name, value in counters.items():
+            if name.startswith("hit_k_"):
+                self._count("hits_by_k", value, k=name[len("hit_k_"):])
+        self._count("steps", counters.get("steps_run", 0), kind="run")
+        self._count("steps", counters.get("steps_saved", 0), kind="saved")
+        self._count("lookup_seconds", counters.get("lookup_seconds", 0.0))
+        cache = step.cache
+        self._count("admitted", cache.counters["admitted_states"])
+        for tier, count in cache.store.evictions.items():
+            self._count("evictions", count, tier=tier)
+        for tier, usage in cache.store.usage().items():
+            self._set("bytes", usage["used_bytes"], tier=tier)
+            self._set("budget", usage["budget_bytes"], tier=tier)
+        self._set("entries", len(cache))

@@ -1,0 +1,72 @@
+"""Faults and observability against a real tritonserver: kill -9 under load, metrics."""
+
+import os
+import signal
+import threading
+import urllib.request
+
+import pytest
+
+from nirvana.tritonserver import TritonServer
+from nirvana_client import Txt2ImgClient, Txt2ImgError
+from tests.repository_variant import repository_variant
+
+pytestmark = pytest.mark.integration
+
+
+def test_kill_9_under_load_then_restart_keeps_every_snapshotted_entry(repository, tmp_path):
+    snapshots = tmp_path / "snapshots"
+    variant = repository_variant(repository, tmp_path / "repo", {
+        "latent_cache": {"snapshot_path": str(snapshots), "snapshot_interval_s": "0"}})
+    prompts = [f"a lighthouse number {i} on a cliff, watercolor" for i in range(4)]
+    server = TritonServer(variant).start()
+    try:
+        with Txt2ImgClient(server.grpc_url, "grpc", timeout_s=60) as client:
+            admitted = [client.generate(p, seed=1, steps=10) for p in prompts]
+        assert all(r.cache_status == "miss" and r.admitted > 0 for r in admitted)
+        outcomes = []
+
+        def in_flight(i):
+            with Txt2ImgClient(server.grpc_url, "grpc", timeout_s=60) as c:
+                try:
+                    c.generate(f"an unfinished request {i}", seed=i, steps=200)
+                    outcomes.append("finished")
+                except Exception as exc:  # noqa: BLE001 - the error is what we check
+                    outcomes.append(type(exc).__name__)
+
+        threads = [threading.Thread(target=in_flight, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        threading.Event().wait(1.5)  # requests are in the UNet loop now
+        os.killpg(os.getpgid(server.process.pid), signal.SIGKILL)
+        for t in threads:
+            t.join(timeout=90)
+        assert not any(t.is_alive() for t in threads), "an in-flight request hung"
+        assert outcomes and all(o != "finished" for o in outcomes), outcomes
+    finally:
+        server.stop()
+    with TritonServer(variant) as restarted, Txt2ImgClient(restarted.grpc_url, "grpc") as client:
+        again = [client.generate(p, seed=1, steps=10) for p in prompts]
+        assert [r.cache_status for r in again] == ["exact"] * len(prompts)
+        assert all((a.image == b.image).all() for a, b in zip(admitted, again))
+        assert "restored" in restarted.log_tail(400)
+
+
+def test_cache_metrics_on_the_metrics_port(server):
+    with Txt2ImgClient(server.grpc_url, "grpc") as client:
+        client.generate("a tiny robot watering a plant", seed=4, steps=4)
+        client.generate("a tiny robot watering a plant", seed=4, steps=4)
+        with pytest.raises(Txt2ImgError):
+            client.generate("", steps=4)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("nirvana_"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    exact = [v for k, v in values.items() if k.startswith("nirvana_cache_lookups_total") and 'result="exact"' in k]
+    assert exact and exact[0] >= 1
+    assert any(k.startswith('nirvana_unet_steps_total') and 'kind="saved"' in k and v >= 4 for k, v in values.items())
+    host = [v for k, v in values.items() if k.startswith("nirvana_cache_bytes") and 'tier="host"' in k]
+    budget = [v for k, v in values.items() if k.startswith("nirvana_cache_budget_bytes") and 'tier="host"' in k]
+    assert host and budget and 0 < host[0] <= budget[0]
