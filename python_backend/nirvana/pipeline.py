@@ -130,11 +130,11 @@ class CacheStep:
         return results
 
     def maybe_snapshot(self, force: bool = False) -> Optional[Path]:
-        """Snapshot when configured and due (every ``snapshot_interval_s``), or now with ``force``."""
+        """Snapshot when configured and due (``snapshot_interval_s`` after the last one), or now with ``force``."""
         if not self.config.snapshot_path or not (self._dirty or force):
             return None
-        interval = self.config.snapshot_interval_s
-        if not force and (interval <= 0 or time.monotonic() - self._last_snapshot < interval):
+        interval = self.config.snapshot_interval_s  # < 0: only at shutdown; 0: after every admission
+        if not force and (interval < 0 or time.monotonic() - self._last_snapshot < interval):
             return None
         self._last_snapshot = time.monotonic()
         self._dirty = False

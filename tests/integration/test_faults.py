@@ -18,7 +18,8 @@ def test_kill_9_under_load_then_restart_keeps_every_snapshotted_entry(repository
     snapshots = tmp_path / "snapshots"
     variant = repository_variant(repository, tmp_path / "repo", {
         "latent_cache": {"snapshot_path": str(snapshots), "snapshot_interval_s": "0"}})
-    prompts = [f"a lighthouse number {i} on a cliff, watercolor" for i in range(4)]
+    prompts = ["a lighthouse on a cliff, watercolor", "a plate of sushi on a black table",
+               "an astronaut floating above the earth", "a medieval castle in heavy fog"]
     server = TritonServer(variant).start()
     try:
         with Txt2ImgClient(server.grpc_url, "grpc", timeout_s=60) as client:
