@@ -127,9 +127,29 @@ def perf_analyzer(url: str, log: Path, limit: int, steps: int, concurrency: str,
            "--stability-percentage", "50", "-f", str(csv_path), "--verbose-csv"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     (output / "perf_analyzer.log").write_text(proc.stdout + proc.stderr)
+    composing = composing_csv(proc.stdout)
+    (output / "perf_analyzer_composing.csv").write_text(composing)
     return {"command": " ".join(cmd), "returncode": proc.returncode, "csv": str(csv_path),
-            "csv_text": csv_path.read_text() if csv_path.exists() else "",
+            "csv_text": csv_path.read_text() if csv_path.exists() else "", "composing_csv": composing,
             "summary": [line for line in proc.stdout.splitlines() if line.startswith("Concurrency:")]}
+
+
+def composing_csv(stdout: str) -> str:
+    """perf_analyzer's per-composing-model block, per concurrency level, as CSV (microseconds)."""
+    import re
+
+    rows = ["concurrency,model,avg_latency_us,queue_us,compute_input_us,compute_infer_us,compute_output_us"]
+    concurrency, model = None, None
+    for line in stdout.splitlines():
+        if m := re.match(r"Request concurrency: (\d+)", line.strip()):
+            concurrency = m.group(1)
+        elif m := re.match(r"(\w+), version: ", line.strip()):
+            model = m.group(1)
+        elif (m := re.search(r"Avg request latency: (\d+) usec \(overhead \d+ usec \+ queue (\d+) usec \+ compute "
+                             r"input (\d+) usec \+ compute infer (\d+) usec \+ compute output (\d+) usec", line)) and model:
+            rows.append(",".join([concurrency or "", model, *m.groups()]))
+            model = None
+    return "\n".join(rows) + "\n"
 
 
 def main(argv=None) -> int:
@@ -195,6 +215,8 @@ def render(report: Dict[str, object]) -> str:
              "", "## perf_analyzer", "", f"`{report['perf_analyzer']['command']}`", ""]
     lines += [f"    {line}" for line in report["perf_analyzer"]["summary"]]
     lines += ["", "CSV (perf_analyzer.csv):", "", "```", report["perf_analyzer"]["csv_text"].strip(), "```", "",
+              "Composing models (perf_analyzer_composing.csv, microseconds):", "", "```",
+              report["perf_analyzer"].get("composing_csv", "").strip(), "```", "",
               "Plots: replay/replay.png (latency CDF by cache result, K histogram, throughput)."]
     return "\n".join(lines) + "\n"
 
