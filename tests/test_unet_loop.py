@@ -80,3 +80,40 @@ def test_dpmpp_without_history_deviates(tiny_unet):
     resumed = loop.run([job(start=10, latents=full.checkpoints[10])])[0]
     assert full.histories[10].shape == (1, 4, 8, 8)
     assert torch.max(torch.abs(resumed.latents - full.latents)) > 1e-3
+
+
+def test_continuous_batcher_lets_late_requests_join_the_running_loop(tiny_unet):
+    import threading
+
+    from nirvana.unet_loop import ContinuousBatcher
+
+    loop = StepRangeLoop(tiny_unet, "ddim", SD_SCHEDULER)
+    long_job = job(seed=1, steps=20)
+    base = loop.run([job(seed=2, steps=20)])[0]
+    short_job = job(seed=2, start=10, latents=base.checkpoints[10])
+    alone = [loop.run([job(seed=1, steps=20)])[0].latents, loop.run([job(seed=2, start=10,
+                                                                         latents=base.checkpoints[10])])[0].latents]
+    calls_before = loop.unet_calls
+    batcher = ContinuousBatcher(loop)
+    done, order = {}, []
+    finished = threading.Event()
+
+    def collect(name):
+        def on_done(results):
+            done[name] = results[0].latents
+            order.append(name)
+            if len(done) == 2:
+                finished.set()
+        return on_done
+
+    errors = []
+    batcher.submit([long_job], collect("long"), errors.append)
+    while loop.unet_calls - calls_before < 3:  # the long job is running
+        threading.Event().wait(0.01)
+    batcher.submit([short_job], collect("short"), errors.append)
+    assert finished.wait(60) and not errors
+    batcher.stop()
+    assert order == ["short", "long"]  # the late, shorter job did not wait for the long one
+    assert loop.unet_calls - calls_before < 20 + 10  # it shared UNet calls with the running job
+    assert torch.max(torch.abs(done["long"] - alone[0])) <= 1e-4
+    assert torch.max(torch.abs(done["short"] - alone[1])) <= 1e-4

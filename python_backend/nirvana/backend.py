@@ -58,19 +58,20 @@ def serve(pb_utils, requests: List, step, logger=None) -> List:
         if logger is not None and not isinstance(exc, InvalidInput):
             logger.log_error(traceback.format_exc())
         results = [exc] * len(requests)
-    responses = []
-    for result in results:
-        if isinstance(result, BaseException):
-            responses.append(error_response(pb_utils, result))
-            continue
-        tensors = []
-        for name, value in result.items():
-            if value.dtype == object:
-                tensors.append(pb_utils.Tensor(name, value))
-            else:
-                tensors.append(pb_utils.Tensor(name, np.ascontiguousarray(value)))
-        responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-    return responses
+    return [error_response(pb_utils, r) if isinstance(r, BaseException) else make_response(pb_utils, r)
+            for r in results]
+
+
+def make_response(pb_utils, outputs: Outputs):
+    """An InferenceResponse holding ``outputs`` (name -> numpy array)."""
+    tensors = [pb_utils.Tensor(name, value if value.dtype == object else np.ascontiguousarray(value))
+               for name, value in outputs.items()]
+    return pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+def send_final(pb_utils, sender, response) -> None:
+    """Send a decoupled model's one and only response for a request."""
+    sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 def device_for(args: Mapping[str, str]):

@@ -24,7 +24,7 @@ DISABLED = "disabled"
 from nirvana.config import CacheConfig, OnnxModelConfig, PipelineSpec, RequestDefaults, UNetLoopConfig
 from nirvana.onnx_session import OnnxModel
 from nirvana.text import PromptTokenizer
-from nirvana.unet_loop import DenoiseJob, StepRangeLoop
+from nirvana.unet_loop import DenoiseJob, DenoiseResult, StepRangeLoop
 
 Batch = List[Dict[str, Optional[np.ndarray]]]
 Results = List[Union[Dict[str, np.ndarray], BaseException]]
@@ -233,7 +233,7 @@ class UNetLoopStep:
         self.loop = StepRangeLoop(self._predict_noise, config.scheduler, self.spec.scheduler_config)
 
     def _predict_noise(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        # Jobs live on the UNet's device (see _jobs), so with IOBinding nothing is copied per step.
+        # Jobs live on the UNet's device (see jobs_for), so with IOBinding nothing is copied per step.
         device = self.unet.device
         feeds = {"sample": sample.to(device), "timestep": timestep.to(device), "encoder_hidden_states": hidden.to(device)}
         if self.config.io_binding:
@@ -242,12 +242,13 @@ class UNetLoopStep:
         return torch.from_numpy(out["noise_pred"]).to(device)
 
     def execute(self, batch: Batch) -> Results:
+        """All requests of ``batch`` in one loop run; they may start at different steps."""
         jobs: List[DenoiseJob] = []
         owners: List[int] = []
         results: Results = [None] * len(batch)  # type: ignore[list-item]
         for r, inputs in enumerate(batch):
             try:
-                jobs_r = self._jobs(inputs)
+                jobs_r = self.jobs_for(inputs)
             except rq.InvalidInput as exc:
                 results[r] = exc
                 continue
@@ -255,22 +256,25 @@ class UNetLoopStep:
             owners += [r] * len(jobs_r)
         done = self.loop.run(jobs)
         for r, inputs in enumerate(batch):
-            if results[r] is not None:
-                continue
-            mine = [(job, res) for job, res, owner in zip(jobs, done, owners) if owner == r]
-            width = inputs["SAVE_STEPS"].shape[1]
-            shape = self.spec.latent_shape
-            checkpoints = np.zeros((len(mine), width, *shape), dtype=np.float32)
-            steps = np.zeros((len(mine), width), dtype=np.int32)
-            for i, (job, res) in enumerate(mine):
-                for j, (k, state) in enumerate(sorted(res.checkpoints.items())):
-                    checkpoints[i, j] = state.cpu().numpy()
-                    steps[i, j] = k
-            results[r] = {"FINAL_LATENTS": np.stack([res.latents.cpu().numpy() for _, res in mine]),
-                          "CHECKPOINTS": checkpoints, "CHECKPOINT_STEPS": steps}
+            if results[r] is None:
+                results[r] = self.outputs_for(inputs, [res for res, owner in zip(done, owners) if owner == r])
         return results
 
-    def _jobs(self, inputs) -> List[DenoiseJob]:
+    def outputs_for(self, inputs, done: List[DenoiseResult]) -> Dict[str, np.ndarray]:
+        """Output tensors of one request from its jobs' results."""
+        width = inputs["SAVE_STEPS"].shape[1]
+        shape = self.spec.latent_shape
+        checkpoints = np.zeros((len(done), width, *shape), dtype=np.float32)
+        steps = np.zeros((len(done), width), dtype=np.int32)
+        for i, res in enumerate(done):
+            for j, (k, state) in enumerate(sorted(res.checkpoints.items())):
+                checkpoints[i, j] = state.cpu().numpy()
+                steps[i, j] = k
+        return {"FINAL_LATENTS": np.stack([res.latents.cpu().numpy() for res in done]),
+                "CHECKPOINTS": checkpoints, "CHECKPOINT_STEPS": steps}
+
+    def jobs_for(self, inputs) -> List[DenoiseJob]:
+        """The loop jobs of one request (one per row); raises InvalidInput naming the field."""
         for name in self.INPUTS:
             if inputs[name] is None:
                 raise rq.InvalidInput(name, "is required")

@@ -113,15 +113,26 @@ class StepRangeLoop:
 
     def run(self, jobs: Sequence[DenoiseJob]) -> List[DenoiseResult]:
         """Run every job to its last step; jobs with fewer steps left leave the batch early."""
-        active = [_Active(job, self.scheduler_name, self.scheduler_config) for job in jobs]
+        active = [self.start(job) for job in jobs]
         while True:
             running = [a for a in active if not a.done]
             if not running:
                 break
-            self._tick(running)
-        for a in active:
-            a.result.latents = a.latents[0]
-        return [a.result for a in active]
+            self.tick(running)
+        return [self.finish(a) for a in active]
+
+    def start(self, job: DenoiseJob) -> "_Active":
+        """Prepare a job to take part in :meth:`tick` (its own scheduler, restored history)."""
+        return _Active(job, self.scheduler_name, self.scheduler_config)
+
+    @staticmethod
+    def finish(active: "_Active") -> DenoiseResult:
+        active.result.latents = active.latents[0]
+        return active.result
+
+    def tick(self, running: List["_Active"]) -> None:
+        """One UNet call over every running job, each at its own timestep, then one scheduler step each."""
+        self._tick(running)
 
     def _tick(self, running: List[_Active]) -> None:
         scaled = [a.scheduler.scale_model_input(a.latents, a.timesteps[a.step]) for a in running]
@@ -156,3 +167,82 @@ class StepRangeLoop:
             if a.step in a.job.save_steps:
                 a.result.checkpoints[a.step] = a.latents[0].clone()
                 a.result.histories[a.step] = capture_history(a.scheduler_name, a.scheduler, a.latents).clone()
+
+
+class ContinuousBatcher:
+    """Iteration-level batching: jobs join the running loop at the next tick instead of waiting.
+
+    For a decoupled Triton model serving the loop on its own (streaming gRPC). The txt2img
+    ensemble does not use it: in Triton 2.51 an ensemble with a decoupled step becomes
+    decoupled itself, which rules out HTTP and unary gRPC clients.
+
+    A background thread ticks :class:`StepRangeLoop` over every active job; :meth:`submit`
+    adds a group of jobs (one Triton request) whenever it arrives, and ``on_done`` is called
+    with that group's results as soon as its last job finishes, while others keep running.
+
+    Args:
+        loop: The step loop to drive.
+        max_active: Most jobs in one tick (the UNet batch is up to twice that with guidance).
+    """
+
+    def __init__(self, loop: StepRangeLoop, max_active: int = 8):
+        import threading
+
+        self.loop = loop
+        self.max_active = max_active
+        self._pending: List[Tuple[List[DenoiseJob], Callable, Callable]] = []
+        self._cv = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="unet-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, jobs: Sequence[DenoiseJob], on_done: Callable[[List[DenoiseResult]], None],
+               on_error: Callable[[BaseException], None]) -> None:
+        with self._cv:
+            if self._stopped:
+                raise RuntimeError("the UNet loop is stopped")
+            self._pending.append((list(jobs), on_done, on_error))
+            self._cv.notify()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        groups: List[Tuple[List["_Active"], Callable, Callable]] = []
+        while True:
+            with self._cv:
+                while not self._pending and not groups and not self._stopped:
+                    self._cv.wait()
+                if self._stopped and not groups and not self._pending:
+                    return
+                active_count = sum(len(g[0]) for g in groups)
+                while self._pending and (active_count == 0 or
+                                         active_count + len(self._pending[0][0]) <= self.max_active):
+                    jobs, on_done, on_error = self._pending.pop(0)
+                    try:
+                        groups.append(([self.loop.start(j) for j in jobs], on_done, on_error))
+                        active_count += len(jobs)
+                    except Exception as exc:  # noqa: BLE001 - that request fails, the loop goes on
+                        on_error(exc)
+            running = [a for actives, _, _ in groups for a in actives if not a.done]
+            if running:
+                try:
+                    self.loop.tick(running)
+                except Exception as exc:  # noqa: BLE001 - every job in this tick fails
+                    for _, _, on_error in groups:
+                        on_error(exc)
+                    groups = []
+                    continue
+            still = []
+            for actives, on_done, on_error in groups:
+                if all(a.done for a in actives):
+                    try:
+                        on_done([self.loop.finish(a) for a in actives])
+                    except Exception as exc:  # noqa: BLE001
+                        on_error(exc)
+                else:
+                    still.append((actives, on_done, on_error))
+            groups = still
