@@ -112,7 +112,8 @@ def model_statistics(url: str) -> Dict[str, Dict[str, float]]:
     return stats
 
 
-def perf_analyzer(url: str, log: Path, limit: int, steps: int, concurrency: str, output: Path) -> Dict[str, object]:
+def perf_analyzer(url: str, log: Path, limit: int, steps: int, concurrency: str, output: Path,
+                  extra: List[str] = ()) -> Dict[str, object]:
     binary = Path(sys.executable).parent / "perf_analyzer"
     rows = load_log(log, limit)
     data = {"data": [{"PROMPT": {"content": [str(r["prompt"])], "shape": [1]},
@@ -124,14 +125,16 @@ def perf_analyzer(url: str, log: Path, limit: int, steps: int, concurrency: str,
     env = dict(os.environ, LD_LIBRARY_PATH=f"{cudart}:{os.environ.get('LD_LIBRARY_PATH', '')}")
     cmd = [str(binary), "-m", "txt2img", "-u", url, "-i", "grpc", "--input-data", str(data_path),
            "--concurrency-range", concurrency, "--measurement-interval", "10000", "--max-trials", "4",
-           "--stability-percentage", "50", "-f", str(csv_path), "--verbose-csv"]
+           "--stability-percentage", "50", "-f", str(csv_path), "--verbose-csv", *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     (output / "perf_analyzer.log").write_text(proc.stdout + proc.stderr)
     composing = composing_csv(proc.stdout)
     (output / "perf_analyzer_composing.csv").write_text(composing)
     return {"command": " ".join(cmd), "returncode": proc.returncode, "csv": str(csv_path),
             "csv_text": csv_path.read_text() if csv_path.exists() else "", "composing_csv": composing,
-            "summary": [line for line in proc.stdout.splitlines() if line.startswith("Concurrency:")]}
+            "summary": [line for line in proc.stdout.splitlines() if line.startswith("Concurrency:")],
+            "errors": [line for line in (proc.stdout + proc.stderr).splitlines()
+                       if "error" in line.lower() or "failed" in line.lower()][:20]}
 
 
 def composing_csv(stdout: str) -> str:
@@ -152,6 +155,72 @@ def composing_csv(stdout: str) -> str:
     return "\n".join(rows) + "\n"
 
 
+def process_tree_rss(pid: int) -> int:
+    """Resident bytes of a process and its descendants (the server and its Python-backend stubs)."""
+    children: Dict[int, List[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def cache_tiers(metrics_port: int) -> Dict[str, Dict[str, float]]:
+    """nirvana_cache_bytes and budget per tier, from the metrics port."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    tiers: Dict[str, Dict[str, float]] = {}
+    for name, tier, value in re.findall(r'^(nirvana_cache_(?:budget_)?bytes)\{[^}]*tier="(\w+)"[^}]*\} (\S+)$', text, re.M):
+        tiers.setdefault(tier, {})["budget" if "budget" in name else "used"] = float(value)
+    return tiers
+
+
+def soak(server: TritonServer, log: Path, seconds: int, concurrency: int, steps: int, output: Path) -> Dict[str, object]:
+    """perf_analyzer at a fixed concurrency for ``seconds``, sampling the server's memory meanwhile."""
+    import threading
+
+    samples: List[tuple] = []
+    stop = threading.Event()
+
+    def sample():
+        start = time.monotonic()
+        while not stop.wait(5):
+            samples.append((time.monotonic() - start, process_tree_rss(server.process.pid)))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    soak_dir = output / "soak"
+    soak_dir.mkdir(parents=True, exist_ok=True)
+    result = perf_analyzer(server.grpc_url, log, 200, steps, f"{concurrency}:{concurrency}", soak_dir,
+                           # three windows of seconds/3 that always count as stable: a fixed-length run
+                           extra=["--measurement-interval", str(seconds * 1000 // 3), "--max-trials", "3",
+                                  "--stability-percentage", "1000"])
+    stop.set()
+    thread.join()
+    tiers = cache_tiers(server.metrics_port)
+    warm = [rss for t, rss in samples if t >= min(20, seconds / 3)]
+    return {"seconds": seconds, "concurrency": concurrency, "steps": steps, "returncode": result["returncode"],
+            "summary": result["summary"], "errors": result["errors"],
+            "rss_after_warmup_first_mb": warm[0] / 2**20 if warm else None,
+            "rss_last_mb": warm[-1] / 2**20 if warm else None,
+            "rss_samples_mb": [(round(t), round(r / 2**20)) for t, r in samples],
+            "tiers": tiers, "tiers_within_budget": all(v.get("used", 0) <= v.get("budget", 0) for v in tiers.values())}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
@@ -160,6 +229,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--pa-concurrency", default="1:2", help="perf_analyzer --concurrency-range")
+    parser.add_argument("--soak-seconds", type=int, default=60, help="perf_analyzer soak length (0: skip)")
+    parser.add_argument("--soak-concurrency", type=int, default=8)
     parser.add_argument("--output", type=Path, default=Path("perf/results"))
     args = parser.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
@@ -194,10 +265,15 @@ def main(argv=None) -> int:
         print("4/4 perf_analyzer ...", flush=True)
         report["perf_analyzer"] = perf_analyzer(server.grpc_url, args.log, 50, args.steps, args.pa_concurrency,
                                                 args.output)
+        if args.soak_seconds:
+            print(f"soak: perf_analyzer at concurrency {args.soak_concurrency} for {args.soak_seconds}s ...", flush=True)
+            report["soak"] = soak(server, args.log, args.soak_seconds, args.soak_concurrency, args.steps, args.output)
     (args.output / "report.json").write_text(json.dumps(report, indent=1))
     (args.output / "report.md").write_text(render(report))
     print(render(report))
-    return 0 if report["perf_analyzer"]["returncode"] == 0 else 1
+    soaked = report.get("soak", {"returncode": 0, "tiers_within_budget": True})
+    ok = report["perf_analyzer"]["returncode"] == 0 and soaked["returncode"] == 0 and soaked["tiers_within_budget"]
+    return 0 if ok else 1
 
 
 def render(report: Dict[str, object]) -> str:
@@ -218,6 +294,14 @@ def render(report: Dict[str, object]) -> str:
               "Composing models (perf_analyzer_composing.csv, microseconds):", "", "```",
               report["perf_analyzer"].get("composing_csv", "").strip(), "```", "",
               "Plots: replay/replay.png (latency CDF by cache result, K histogram, throughput)."]
+    if "soak" in report:
+        k = report["soak"]
+        lines += ["", f"## Soak: perf_analyzer at concurrency {k['concurrency']} for {k['seconds']}s ({k['steps']} steps)", "",
+                  f"- perf_analyzer exit code {k['returncode']}; " + "; ".join(k["summary"]),
+                  f"- errors reported: {k['errors'] or 'none'}",
+                  f"- server + stubs resident memory after warm-up: {k['rss_after_warmup_first_mb']:.0f} MB -> "
+                  f"{k['rss_last_mb']:.0f} MB (samples every 5 s: {k['rss_samples_mb']})" if k["rss_last_mb"] else "- no memory samples",
+                  f"- store tiers within budget: {k['tiers_within_budget']} ({k['tiers']})"]
     return "\n".join(lines) + "\n"
 
 
