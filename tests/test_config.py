@@ -56,3 +56,17 @@ def test_committed_configs_parse(repository):
         params = read_pbtxt_parameters(repository / model / "config.pbtxt")
         assert params["parameters"], model
         parse_parameters(cls, params)
+
+
+def test_grafana_dashboard_queries_only_exported_metrics():
+    """Every nirvana_* series the dashboard plots is one the latent_cache model exports."""
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    dashboard = json.loads((root / "deploy" / "grafana_dashboard.json").read_text())
+    exported = set(re.findall(r'"(nirvana_[a-z_]+)"', (root / "python_backend" / "nirvana" / "metrics.py").read_text()))
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"nirvana_[a-z_]+", target["expr"])}
+    assert used and used <= exported, used - exported

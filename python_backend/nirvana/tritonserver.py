@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -85,7 +87,8 @@ class TritonServer:
     """
 
     def __init__(self, model_repository: Path, http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
-                 log_file: Optional[Path] = None, extra_args: Optional[List[str]] = None):
+                 log_file: Optional[Path] = None, extra_args: Optional[List[str]] = None,
+                 watchdog_interval_s: float = 0.0):
         self.model_repository = Path(model_repository).resolve()
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
@@ -94,6 +97,8 @@ class TritonServer:
         self.log_file = Path(log_file) if log_file else self._workdir / "server.log"
         self.extra_args = list(extra_args or [])
         self.process: Optional[subprocess.Popen] = None
+        self.watchdog_interval_s = watchdog_interval_s
+        self.watchdog: Optional["StubWatchdog"] = None
 
     @property
     def http_url(self) -> str:
@@ -108,7 +113,10 @@ class TritonServer:
         return [str(_pytriton_root() / "bin" / "tritonserver"),
                 f"--model-repository={self.model_repository}", f"--backend-directory={backends}",
                 f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
-                f"--metrics-port={self.metrics_port}", "--log-verbose=0", *self.extra_args]
+                f"--metrics-port={self.metrics_port}", "--log-verbose=0",
+                # Explicit control with every model loaded: the watchdog can reload a model whose
+                # Python-backend stub died (Triton 2.51 neither restarts it nor marks it unready).
+                "--model-control-mode=explicit", "--load-model=*", *self.extra_args]
 
     def start(self, timeout: float = 300.0) -> "TritonServer":
         if not (self.model_repository / ".exported").exists():
@@ -117,6 +125,8 @@ class TritonServer:
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                         env=server_environment(), start_new_session=True)
         self.wait_ready(timeout)
+        if self.watchdog_interval_s > 0:
+            self.watchdog = StubWatchdog(self.http_url, self.watchdog_interval_s).start()
         return self
 
     def is_ready(self) -> bool:
@@ -146,6 +156,8 @@ class TritonServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the server's process group (server and Python-backend stubs), SIGKILL if it lingers."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.process is None or self.process.poll() is not None:
             return
         pgid = os.getpgid(self.process.pid)
@@ -168,12 +180,81 @@ class TritonServer:
         shutil.rmtree(self._workdir, ignore_errors=True)
 
 
+class StubWatchdog:
+    """Reloads a Python-backend model whose stub process died.
+
+    When a stub is killed (OOM killer, a crash in native code), Triton 2.51 answers every later
+    request for that model with "Stub process '<model>_<i>_<j>' is not healthy" while still
+    reporting the model ready. Every ``interval_s`` this sends a 1-step probe through the
+    ensemble (cache bypassed) and, on that error, reloads the model named in it.
+    """
+
+    STUB_ERROR = re.compile(r"Stub process '(\w+?)_\d+_\d+' is not healthy")
+
+    def __init__(self, http_url: str, interval_s: float = 10.0, model: str = "txt2img"):
+        self.http_url, self.interval_s, self.model = http_url, interval_s, model
+        self.reloads: List[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stub-watchdog", daemon=True)
+
+    def start(self) -> "StubWatchdog":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def check(self) -> Optional[str]:
+        """Probe once; reload and return the model whose stub was dead, else None."""
+        import numpy as np
+        import tritonclient.http as http
+
+        client = http.InferenceServerClient(self.http_url, network_timeout=120, connection_timeout=120)
+        try:
+            inputs = []
+            for name, array, dtype in (("PROMPT", np.array([[b"watchdog probe"]], dtype=object), "BYTES"),
+                                       ("STEPS", np.array([[1]], np.int32), "INT32"),
+                                       ("CACHE", np.array([[False]]), "BOOL")):
+                tensor = http.InferInput(name, [1, 1], dtype)
+                tensor.set_data_from_numpy(array)
+                inputs.append(tensor)
+            try:
+                client.infer(self.model, inputs, outputs=[http.InferRequestedOutput("IMAGE")])
+                return None
+            except http.InferenceServerException as exc:
+                match = self.STUB_ERROR.search(str(exc))
+                if not match:
+                    return None
+                # A load of an unchanged, loaded model is a no-op that keeps the dead stub: unload
+                # first, then load, which starts a fresh stub (and re-runs its initialize).
+                name = match.group(1)
+                client.unload_model(name)
+                deadline = time.monotonic() + 60
+                while client.is_model_ready(name) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                client.load_model(name)
+                self.reloads.append(name)
+                print(f"stub watchdog: reloaded {name} after its stub died", file=sys.stderr, flush=True)
+                return name
+        except Exception:  # noqa: BLE001 - the server may be going down; try again next time
+            return None
+        finally:
+            client.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.check()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nirvana-serve", description="Run tritonserver in the foreground.")
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--watchdog-interval", type=float, default=10.0,
+                        help="seconds between stub-health probes (0: off)")
     args, extra = parser.parse_known_args(argv)
     server = TritonServer(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
                           extra_args=extra)
@@ -189,11 +270,21 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
+    if args.watchdog_interval > 0:
+        threading.Thread(target=_start_watchdog, args=(server, args.watchdog_interval), daemon=True).start()
     print(f"tritonserver: HTTP {args.http_port}, gRPC {args.grpc_port}, metrics {args.metrics_port} "
           f"(Ctrl-C stops it)", file=sys.stderr)
     code = process.wait()
     server.stop()
     return code
+
+
+def _start_watchdog(server: TritonServer, interval_s: float) -> None:
+    try:
+        server.wait_ready(600)
+    except (RuntimeError, TimeoutError):
+        return
+    server.watchdog = StubWatchdog(server.http_url, interval_s).start()
 
 
 if __name__ == "__main__":

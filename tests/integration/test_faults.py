@@ -71,3 +71,46 @@ def test_cache_metrics_on_the_metrics_port(server):
     host = [v for k, v in values.items() if k.startswith("nirvana_cache_bytes") and 'tier="host"' in k]
     budget = [v for k, v in values.items() if k.startswith("nirvana_cache_budget_bytes") and 'tier="host"' in k]
     assert host and budget and 0 < host[0] <= budget[0]
+
+
+def _stub_pids(model: str):
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if cmd and b"triton_python_backend_stub" in cmd[0] and any(f"/{model}/".encode() in c for c in cmd):
+                pids.append(int(entry))
+    return pids
+
+
+def test_a_killed_stub_fails_its_request_and_the_watchdog_reloads_the_model(repository):
+    with TritonServer(repository, watchdog_interval_s=2) as server:
+        with Txt2ImgClient(server.grpc_url, "grpc", timeout_s=60) as client:
+            assert client.generate("a pear on a plate", seed=1, steps=2).image.shape == (64, 64, 3)
+            outcome = []
+
+            def in_flight():
+                try:
+                    client.generate("a long request that will lose its stub", seed=2, steps=200)
+                    outcome.append("finished")
+                except Txt2ImgError as exc:
+                    outcome.append(str(exc))
+
+            thread = threading.Thread(target=in_flight)
+            thread.start()
+            threading.Event().wait(1.5)
+            pids = [p for p in _stub_pids("unet_loop") if os.getpgid(p) == os.getpgid(server.process.pid)]
+            assert pids
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            thread.join(timeout=60)
+            assert outcome and "is not healthy" in outcome[0]
+            for _ in range(60):  # the watchdog probes every 2 s and reloads unet_loop
+                if server.watchdog.reloads:
+                    break
+                threading.Event().wait(1)
+            assert server.watchdog.reloads == ["unet_loop"]
+            assert client.generate("a pear on a plate", seed=1, steps=2).cache_status == "exact"
