@@ -84,3 +84,23 @@ def device_for(args: Mapping[str, str]):
     if args.get("model_instance_kind") == "GPU":
         return torch.device("cuda", int(args.get("model_instance_device_id", 0)))
     return torch.device("cuda", 0)
+
+
+def onnx_model_adapter(pb_utils):
+    """The TritonPythonModel class of a model that runs its ``1/model.onnx`` with onnxruntime.
+
+    text_encoder and vae_decoder use it on the CPU path (the NVIDIA container runs the same
+    files on Triton's onnxruntime backend instead).
+    """
+    from nirvana.config import OnnxModelConfig, parse_parameters
+    from nirvana.pipeline import OnnxStep
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            config = parse_parameters(OnnxModelConfig, model_config(args))
+            self.step = OnnxStep(version_dir(args) / "model.onnx", config)
+
+        def execute(self, requests):
+            return serve(pb_utils, requests, self.step, pb_utils.Logger)
+
+    return TritonPythonModel

@@ -6,14 +6,5 @@ In the NVIDIA container the export swaps this model for Triton's onnxruntime bac
 import triton_python_backend_utils as pb_utils
 
 from nirvana import backend
-from nirvana.config import OnnxModelConfig, parse_parameters
-from nirvana.pipeline import OnnxStep
 
-
-class TritonPythonModel:
-    def initialize(self, args):
-        config = parse_parameters(OnnxModelConfig, backend.model_config(args))
-        self.step = OnnxStep(backend.version_dir(args) / "model.onnx", config)
-
-    def execute(self, requests):
-        return backend.serve(pb_utils, requests, self.step, pb_utils.Logger)
+TritonPythonModel = backend.onnx_model_adapter(pb_utils)
