@@ -158,16 +158,17 @@ class TritonServer:
         """SIGTERM the server's process group (server and Python-backend stubs), SIGKILL if it lingers."""
         if self.watchdog is not None:
             self.watchdog.stop()
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
-        pgid = os.getpgid(self.process.pid)
-        os.killpg(pgid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            self.process.wait()
-        try:  # stubs left behind by a killed server
+        pgid = self.process.pid  # started with start_new_session: the server leads its own group
+        if self.process.poll() is None:
+            os.killpg(pgid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(pgid, signal.SIGKILL)
+                self.process.wait()
+        try:  # Python-backend stubs left behind by a killed server
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
@@ -264,9 +265,15 @@ def main(argv=None) -> int:
     process = subprocess.Popen(server.command(), env=server_environment(), start_new_session=True)
     server.process = process
 
+    received = []
+
     def forward(signum, _frame):
-        server.stop()
-        sys.exit(128 + signum)
+        # Only signal here: the main thread is inside process.wait() and reaps the server.
+        received.append(signum)
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
@@ -276,7 +283,7 @@ def main(argv=None) -> int:
           f"(Ctrl-C stops it)", file=sys.stderr)
     code = process.wait()
     server.stop()
-    return code
+    return 128 + received[0] if received else code
 
 
 def _start_watchdog(server: TritonServer, interval_s: float) -> None:
