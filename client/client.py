@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 
@@ -54,6 +54,18 @@ class GenerationResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(self.image).save(path)
         return path
+
+
+def infer_inputs(module, tensors: Mapping[str, np.ndarray]) -> list:
+    """``InferInput`` objects of ``module`` (tritonclient.grpc or .http) holding numpy arrays by name."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, array in tensors.items():
+        tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
 
 
 def _text(value) -> str:
@@ -104,29 +116,15 @@ class Txt2ImgClient:
                      steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                      tenant: Optional[str] = None, cache: Optional[bool] = None):
         """The request tensors; None leaves an input out (the server applies its default)."""
-        m = self._module
-        inputs = []
-
-        def add(name, array, dtype):
-            tensor = m.InferInput(name, list(array.shape), dtype)
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
-
-        if prompt is not None:
-            add("PROMPT", np.array([[prompt.encode("utf-8")]], dtype=object), "BYTES")
-        if negative_prompt is not None:
-            add("NEGATIVE_PROMPT", np.array([[negative_prompt.encode("utf-8")]], dtype=object), "BYTES")
-        if seed is not None:
-            add("SEED", np.array([[seed]], dtype=np.int64), "INT64")
-        if steps is not None:
-            add("STEPS", np.array([[steps]], dtype=np.int32), "INT32")
-        if guidance_scale is not None:
-            add("GUIDANCE_SCALE", np.array([[guidance_scale]], dtype=np.float32), "FP32")
-        if tenant is not None:
-            add("TENANT", np.array([[tenant.encode("utf-8")]], dtype=object), "BYTES")
-        if cache is not None:
-            add("CACHE", np.array([[cache]], dtype=bool), "BOOL")
-        return inputs
+        text = lambda s: np.array([[s.encode("utf-8")]], dtype=object)  # noqa: E731
+        values = {"PROMPT": None if prompt is None else text(prompt),
+                  "NEGATIVE_PROMPT": None if negative_prompt is None else text(negative_prompt),
+                  "SEED": None if seed is None else np.array([[seed]], dtype=np.int64),
+                  "STEPS": None if steps is None else np.array([[steps]], dtype=np.int32),
+                  "GUIDANCE_SCALE": None if guidance_scale is None else np.array([[guidance_scale]], dtype=np.float32),
+                  "TENANT": None if tenant is None else text(tenant),
+                  "CACHE": None if cache is None else np.array([[cache]], dtype=bool)}
+        return infer_inputs(self._module, {k: v for k, v in values.items() if v is not None})
 
     def generate(self, prompt: Optional[str], negative_prompt: Optional[str] = None, seed: Optional[int] = None,
                  steps: Optional[int] = None, guidance_scale: Optional[float] = None,

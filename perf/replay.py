@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from nirvana_client.client import infer_inputs
 from nirvana_perf.simulate import load_log
 
 MODEL = "txt2img"
@@ -47,15 +48,9 @@ class Sample:
 
 
 def _inputs(grpc, prompt: str, seed: int, steps: int, cache: bool):
-    def tensor(name, array, dtype):
-        t = grpc.InferInput(name, list(array.shape), dtype)
-        t.set_data_from_numpy(array)
-        return t
-
-    return [tensor("PROMPT", np.array([[prompt.encode("utf-8")]], dtype=object), "BYTES"),
-            tensor("SEED", np.array([[seed]], dtype=np.int64), "INT64"),
-            tensor("STEPS", np.array([[steps]], dtype=np.int32), "INT32"),
-            tensor("CACHE", np.array([[cache]], dtype=bool), "BOOL")]
+    return infer_inputs(grpc, {"PROMPT": np.array([[prompt.encode("utf-8")]], dtype=object),
+                               "SEED": np.array([[seed]], dtype=np.int64), "STEPS": np.array([[steps]], dtype=np.int32),
+                               "CACHE": np.array([[cache]], dtype=bool)})
 
 
 async def _send(client, grpc, row: dict, index: int, steps: int, mode: str) -> Sample:

@@ -30,21 +30,11 @@ from typing import Dict, List
 import numpy as np
 
 from nirvana.tritonserver import TritonServer
+from nirvana_client.client import infer_inputs
 from nirvana_perf import replay
 from nirvana_perf.simulate import load_log
 
 MODELS = ("tokenizer", "text_encoder", "latent_cache", "unet_loop", "vae_decoder")
-
-
-def _grpc_inputs(grpc, tensors: Dict[str, np.ndarray]):
-    dtypes = {np.dtype(object): "BYTES", np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32",
-              np.dtype(np.float32): "FP32", np.dtype(bool): "BOOL"}
-    out = []
-    for name, array in tensors.items():
-        t = grpc.InferInput(name, list(array.shape), dtypes[array.dtype])
-        t.set_data_from_numpy(array)
-        out.append(t)
-    return out
 
 
 def direct_chain(client, grpc, prompt: str, seed: int, steps: int) -> float:
@@ -52,23 +42,23 @@ def direct_chain(client, grpc, prompt: str, seed: int, steps: int) -> float:
     start = time.perf_counter()
     request = {"PROMPT": np.array([[prompt.encode()]], dtype=object), "SEED": np.array([[seed]], np.int64),
                "STEPS": np.array([[steps]], np.int32)}
-    tok = client.infer("tokenizer", _grpc_inputs(grpc, request))
+    tok = client.infer("tokenizer", infer_inputs(grpc, request))
     common = {"PROMPT": request["PROMPT"], "SEED": tok.as_numpy("RESOLVED_SEED"),
               "STEPS": tok.as_numpy("RESOLVED_STEPS"), "GUIDANCE_SCALE": tok.as_numpy("RESOLVED_GUIDANCE_SCALE"),
               "CACHE": np.array([[False]])}
-    cond = client.infer("text_encoder", _grpc_inputs(grpc, {"INPUT_IDS": tok.as_numpy("INPUT_IDS"),
+    cond = client.infer("text_encoder", infer_inputs(grpc, {"INPUT_IDS": tok.as_numpy("INPUT_IDS"),
                                                             "ATTENTION_MASK": tok.as_numpy("ATTENTION_MASK")}))
-    uncond = client.infer("text_encoder", _grpc_inputs(grpc, {
+    uncond = client.infer("text_encoder", infer_inputs(grpc, {
         "INPUT_IDS": tok.as_numpy("NEGATIVE_INPUT_IDS"), "ATTENTION_MASK": tok.as_numpy("NEGATIVE_ATTENTION_MASK")}))
     embedding = cond.as_numpy("POOLED_EMBEDDING")
-    look = client.infer("latent_cache", _grpc_inputs(grpc, {"POOLED_EMBEDDING": embedding, **common}),
+    look = client.infer("latent_cache", infer_inputs(grpc, {"POOLED_EMBEDDING": embedding, **common}),
                         outputs=[grpc.InferRequestedOutput(n) for n in ("LATENTS", "START_STEP_OUT", "SAVE_STEPS")])
-    loop = client.infer("unet_loop", _grpc_inputs(grpc, {
+    loop = client.infer("unet_loop", infer_inputs(grpc, {
         "HIDDEN_STATES": cond.as_numpy("HIDDEN_STATES"), "NEGATIVE_HIDDEN_STATES": uncond.as_numpy("HIDDEN_STATES"),
         "LATENTS": look.as_numpy("LATENTS"), "START_STEP": look.as_numpy("START_STEP_OUT"),
         "STEPS": common["STEPS"], "GUIDANCE_SCALE": common["GUIDANCE_SCALE"], "SAVE_STEPS": look.as_numpy("SAVE_STEPS")}))
-    client.infer("vae_decoder", _grpc_inputs(grpc, {"LATENTS": loop.as_numpy("FINAL_LATENTS")}))
-    client.infer("latent_cache", _grpc_inputs(grpc, {
+    client.infer("vae_decoder", infer_inputs(grpc, {"LATENTS": loop.as_numpy("FINAL_LATENTS")}))
+    client.infer("latent_cache", infer_inputs(grpc, {
         "POOLED_EMBEDDING": embedding, **common, "START_STEP": look.as_numpy("START_STEP_OUT"),
         "CHECKPOINTS": loop.as_numpy("CHECKPOINTS"), "CHECKPOINT_STEPS": loop.as_numpy("CHECKPOINT_STEPS"),
         "FINAL_LATENTS": loop.as_numpy("FINAL_LATENTS")}), outputs=[grpc.InferRequestedOutput("ADMITTED")])
@@ -81,7 +71,7 @@ def ensemble_overhead(url: str, prompts: List[str], steps: int) -> Dict[str, flo
     client = grpc.InferenceServerClient(url)
     ensemble, direct = [], []
     for i, prompt in enumerate(prompts):
-        inputs = _grpc_inputs(grpc, {"PROMPT": np.array([[prompt.encode()]], dtype=object),
+        inputs = infer_inputs(grpc, {"PROMPT": np.array([[prompt.encode()]], dtype=object),
                                      "SEED": np.array([[i]], np.int64), "STEPS": np.array([[steps]], np.int32),
                                      "CACHE": np.array([[False]])})
         t0 = time.perf_counter()

@@ -69,10 +69,6 @@ def make_response(pb_utils, outputs: Outputs):
     return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
-def send_final(pb_utils, sender, response) -> None:
-    """Send a decoupled model's one and only response for a request."""
-    sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-
 
 def device_for(args: Mapping[str, str]):
     """The torch device for this model instance: its GPU for a KIND_GPU instance, else GPU 0 when

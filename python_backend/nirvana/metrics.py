@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
+from nirvana.cache.engine import APPROXIMATE, DISABLED, EXACT, MISS
+
 
 class CacheMetrics:
     """Mirrors a :class:`nirvana.pipeline.CacheStep`'s counters into Triton metric families."""
@@ -58,7 +60,7 @@ class CacheMetrics:
     def publish(self, step) -> None:
         """Bring every metric up to date with ``step`` (a CacheStep)."""
         counters = step.counters
-        for result in ("miss", "approximate", "exact", "disabled"):
+        for result in (MISS, APPROXIMATE, EXACT, DISABLED):
             self._count("lookups", counters.get(f"lookup_{result}", 0), result=result)
         for name, value in counters.items():
             if name.startswith("hit_k_"):

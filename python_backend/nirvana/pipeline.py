@@ -19,8 +19,7 @@ import torch
 
 from nirvana import requests as rq
 from nirvana.cache import CacheKey, LatentCache, LookupResult
-
-DISABLED = "disabled"
+from nirvana.cache.engine import APPROXIMATE, DISABLED
 from nirvana.config import CacheConfig, OnnxModelConfig, PipelineSpec, RequestDefaults, UNetLoopConfig
 from nirvana.onnx_session import OnnxModel
 from nirvana.text import PromptTokenizer
@@ -177,7 +176,7 @@ class CacheStep:
                 result = LookupResult(DISABLED, 0, 0.0, None, "", ())
             self.counters["lookup_seconds"] += time.perf_counter() - began
             self.counters[f"lookup_{result.status}"] += 1
-            if result.status == "approximate":
+            if result.status == APPROXIMATE:
                 self.counters[f"hit_k_{result.start_step}"] += 1
             self.counters["steps_saved"] += result.start_step
             self.counters["steps_run"] += key.steps - result.start_step
@@ -202,15 +201,15 @@ class CacheStep:
         final, start = inputs["FINAL_LATENTS"], inputs["START_STEP"]
         if states is None:
             raise rq.InvalidInput("CHECKPOINTS", "is required with CHECKPOINT_STEPS")
-        admitted = np.zeros((len(keys), 1), dtype=np.int32)
         if final is None:
             raise rq.InvalidInput("FINAL_LATENTS", "is required with CHECKPOINT_STEPS")
+        admitted = np.zeros((len(keys), 1), dtype=np.int32)
         for i, key in enumerate(keys):
             if not enabled[i]:
                 continue
             checkpoints = {int(k): torch.from_numpy(np.array(states[i, j]))
                            for j, k in enumerate(steps_in[i]) if int(k) > 0}
-            final_i = None if final is None else torch.from_numpy(np.array(final[i]))
+            final_i = torch.from_numpy(np.array(final[i]))
             was_hit = start is not None and int(start.reshape(-1)[i]) > 0
             if start is not None and int(start.reshape(-1)[i]) >= key.steps:
                 continue  # exact hit: nothing new to store

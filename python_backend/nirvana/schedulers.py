@@ -30,10 +30,10 @@ def make_scheduler(name: str, config: Mapping[str, Any]):
 
 # Multistep solvers keep earlier model outputs. To resume exactly from step K, a checkpoint
 # carries the last few of them ("history") next to the latents:
-#   attribute holding the list, how many entries the solver reads, the step counter to reset.
+#   attribute holding the list, how many entries the solver reads.
 _HISTORY = {
-    "dpmpp": ("model_outputs", lambda s: s.config.solver_order - 1, "lower_order_nums"),
-    "lms": ("derivatives", lambda s: 3, None),  # LMSDiscreteScheduler.step(order=4) reads 3 earlier ones
+    "dpmpp": ("model_outputs", lambda s: s.config.solver_order - 1),
+    "lms": ("derivatives", lambda s: 3),  # LMSDiscreteScheduler.step(order=4) reads 3 earlier ones
 }
 
 
@@ -63,7 +63,7 @@ def restore_history(name: str, scheduler, history, start_step: int) -> None:
     length = history_length(name, scheduler)
     if not length or history is None or len(history) == 0:
         return
-    attr, _, _counter = _HISTORY[name]
+    attr = _HISTORY[name][0]
     valid = min(start_step, length)
     entries = [h.unsqueeze(0) for h in history[length - valid:]]
     if name == "dpmpp":

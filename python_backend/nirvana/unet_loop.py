@@ -132,9 +132,6 @@ class StepRangeLoop:
 
     def tick(self, running: List["_Active"]) -> None:
         """One UNet call over every running job, each at its own timestep, then one scheduler step each."""
-        self._tick(running)
-
-    def _tick(self, running: List[_Active]) -> None:
         scaled = [a.scheduler.scale_model_input(a.latents, a.timesteps[a.step]) for a in running]
         samples, timesteps, hidden = [], [], []
         # Unconditional rows first, then conditional rows, like diffusers pipelines.

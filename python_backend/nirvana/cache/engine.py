@@ -24,6 +24,7 @@ from nirvana.config import CacheConfig
 from nirvana.steps import scale_steps, start_step_for
 
 MISS, APPROXIMATE, EXACT = "miss", "approximate", "exact"
+DISABLED = "disabled"  # the request bypassed the cache (CACHE=false)
 FINAL = -1  # step key of an entry's final latents
 
 
@@ -238,14 +239,12 @@ class LatentCache:
 
     def _restore(self, meta: Mapping, embeddings: np.ndarray, tensors: Mapping[str, torch.Tensor]) -> Tuple[int, int]:
         entries = states = 0
-        max_id = 0
         for row, item in enumerate(meta["entries"]):
             key = CacheKey(**item["key"])
             kept = [(s["step"], s["stats"]) for s in item["steps"] if f"e{item['id']}_s{s['step']}" in tensors]
             if not kept or key.digest() in self._by_digest:
                 continue
             entry_id = int(item["id"])
-            max_id = max(max_id, entry_id)
             self._entries[entry_id] = _Entry(entry_id, key, np.asarray(embeddings[row], dtype=np.float32))
             self._by_digest[key.digest()] = entry_id
             self.index.add(key.namespace, entry_id, embeddings[row])
@@ -258,7 +257,7 @@ class LatentCache:
                 for victim in self.store.put((entry_id, step), tensor, self._score(stats), tensor.dtype):
                     self._forget_state(*victim)
                 states += 1
-        self._ids = itertools.count(max(max_id, max(self._entries, default=0)) + 1)
+        self._ids = itertools.count(max(self._entries, default=0) + 1)
         self._clock = itertools.count(int(meta.get("clock", 0)) + 1)
         return entries, states
 
