@@ -68,6 +68,19 @@ def infer_inputs(module, tensors: Mapping[str, np.ndarray]) -> list:
     return inputs
 
 
+def connect(url: str, protocol: str, timeout_s: float):
+    """The tritonclient module ("grpc" or "http") and a client of it connected to ``url``."""
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+
+        return module, module.InferenceServerClient(url)
+    if protocol == "http":
+        import tritonclient.http as module
+
+        return module, module.InferenceServerClient(url, network_timeout=timeout_s, connection_timeout=timeout_s)
+    raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
+
+
 def _text(value) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
@@ -82,20 +95,9 @@ class Txt2ImgClient:
     """
 
     def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", timeout_s: float = 300.0):
-        if protocol == "grpc":
-            import tritonclient.grpc as module
-        elif protocol == "http":
-            import tritonclient.http as module
-        else:
-            raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
         self.protocol = protocol
         self.timeout_s = timeout_s
-        self._module = module
-        if protocol == "http":
-            self._client = module.InferenceServerClient(url, network_timeout=timeout_s,
-                                                        connection_timeout=timeout_s)
-        else:
-            self._client = module.InferenceServerClient(url)
+        self._module, self._client = connect(url, protocol, timeout_s)
 
     def close(self) -> None:
         self._client.close()

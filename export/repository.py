@@ -15,7 +15,7 @@ from pathlib import Path
 
 from nirvana.config import PipelineSpec
 
-MODELS = ("tokenizer", "text_encoder", "latent_cache", "unet_loop", "vae_decoder", "txt2img")
+MODELS = ("tokenizer", "text_encoder", "latent_cache", "unet_loop", "vae_decoder", "txt2img", "cache_admin")
 PIPELINE_MODELS = ("tokenizer", "text_encoder", "latent_cache", "unet_loop", "vae_decoder")
 ONNX_BACKEND_MODELS = ("text_encoder", "vae_decoder")
 CONTAINER_CONFIGS = Path(__file__).resolve().parent / "container"

@@ -16,6 +16,8 @@ import numpy as np
 from nirvana.requests import InvalidInput
 
 Outputs = Dict[str, np.ndarray]
+# Key under which serve() hands a request's parameters to a step with WANTS_PARAMETERS.
+PARAMETERS = "parameters"
 
 
 def version_dir(args: Mapping[str, str]) -> Path:
@@ -36,10 +38,21 @@ def read_inputs(pb_utils, request, names: Sequence[str]) -> Dict[str, Optional[n
     return values
 
 
+def request_parameters(request) -> Dict[str, Any]:
+    """A request's parameters (forwarded headers included) as a dict."""
+    try:
+        return dict(json.loads(request.parameters() or "{}"))
+    except (AttributeError, TypeError, ValueError):
+        return {}
+
+
 def error_response(pb_utils, exc: BaseException):
-    """INVALID_ARG for bad input (the message names the field), INTERNAL otherwise."""
+    """INVALID_ARG for bad input (the message names the field), UNAVAILABLE for a missing admin key
+    (what Triton's own restricted protocols answer), INTERNAL otherwise."""
     if isinstance(exc, InvalidInput):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+    if isinstance(exc, PermissionError):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE))
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(
         f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL))
 
@@ -52,10 +65,13 @@ def serve(pb_utils, requests: List, step, logger=None) -> List:
     A failure of the whole batch fails every request in it, and the model keeps serving.
     """
     batch = [read_inputs(pb_utils, r, step.INPUTS) for r in requests]
+    if getattr(step, "WANTS_PARAMETERS", False):
+        for inputs, request in zip(batch, requests):
+            inputs[PARAMETERS] = request_parameters(request)
     try:
         results: List[Union[Outputs, BaseException]] = step.execute(batch)
     except Exception as exc:  # noqa: BLE001 - reported to every client of the batch
-        if logger is not None and not isinstance(exc, InvalidInput):
+        if logger is not None and not isinstance(exc, (InvalidInput, PermissionError)):
             logger.log_error(traceback.format_exc())
         results = [exc] * len(requests)
     return [error_response(pb_utils, r) if isinstance(r, BaseException) else make_response(pb_utils, r)

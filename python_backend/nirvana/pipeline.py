@@ -17,7 +17,9 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from nirvana import admin
 from nirvana import requests as rq
+from nirvana.backend import PARAMETERS
 from nirvana.cache import CacheKey, LatentCache, LookupResult
 from nirvana.cache.engine import APPROXIMATE, DISABLED
 from nirvana.config import CacheConfig, OnnxModelConfig, PipelineSpec, RequestDefaults, UNetLoopConfig
@@ -38,12 +40,12 @@ def _split(array: np.ndarray, counts: Sequence[int]) -> List[np.ndarray]:
 
 
 def _each(batch: Batch, fn) -> Results:
-    """Apply ``fn`` per request, turning its InvalidInput into that request's error."""
+    """Apply ``fn`` per request, turning its InvalidInput (or refused admin key) into that request's error."""
     results: Results = []
     for inputs in batch:
         try:
             results.append(fn(inputs))
-        except rq.InvalidInput as exc:
+        except (rq.InvalidInput, admin.Unauthorized) as exc:
             results.append(exc)
     return results
 
@@ -103,15 +105,22 @@ class OnnxStep:
 
 
 class CacheStep:
-    """The latent_cache model: lookup (before the UNet) and admission (after it).
+    """The latent_cache model: lookup (before the UNet), admission (after it) and admin.
 
-    A request carrying CHECKPOINT_STEPS is an admission; otherwise it is a lookup.
+    A request carrying COMMAND is an admin command (see :mod:`nirvana.admin`), one
+    carrying CHECKPOINT_STEPS an admission; otherwise it is a lookup.
+
+    Args:
+        admin_key: The key admin requests must carry; None turns the admin surface off.
     """
 
     INPUTS = ("POOLED_EMBEDDING", "PROMPT", "NEGATIVE_PROMPT", "SEED", "STEPS", "GUIDANCE_SCALE", "TENANT",
-              "CACHE", "START_STEP", "CHECKPOINTS", "CHECKPOINT_STEPS", "FINAL_LATENTS")
+              "CACHE", "START_STEP", "CHECKPOINTS", "CHECKPOINT_STEPS", "FINAL_LATENTS", "COMMAND")
+    WANTS_PARAMETERS = True  # admin requests carry the key as a (forwarded header) request parameter
 
-    def __init__(self, directory: Path, config: CacheConfig, device: Optional[torch.device] = None):
+    def __init__(self, directory: Path, config: CacheConfig, device: Optional[torch.device] = None,
+                 admin_key: Optional[str] = None):
+        self.admin_key = admin_key
         self.spec = PipelineSpec.load(directory)
         self.config = config = config.with_model_thresholds(self.spec)
         self.cache = LatentCache(config, self.spec.embedding_dim, device)
@@ -128,7 +137,7 @@ class CacheStep:
         self.maybe_snapshot()
         return results
 
-    def maybe_snapshot(self, force: bool = False) -> Optional[Path]:
+    def maybe_snapshot(self, force: bool = False, keep: Optional[int] = None) -> Optional[Path]:
         """Snapshot when configured and due (``snapshot_interval_s`` after the last one), or now with ``force``."""
         if not self.config.snapshot_path or not (self._dirty or force):
             return None
@@ -137,7 +146,35 @@ class CacheStep:
             return None
         self._last_snapshot = time.monotonic()
         self._dirty = False
-        return self.cache.snapshot(Path(self.config.snapshot_path))
+        return self.cache.snapshot(Path(self.config.snapshot_path), keep=keep)
+
+    def _admin(self, inputs) -> Dict[str, np.ndarray]:
+        admin.check_key(inputs.get(PARAMETERS) or {}, self.admin_key)
+        command = rq.decode_texts(inputs["COMMAND"], "COMMAND", 1, required=True,
+                                  max_bytes=64)[0].strip().lower()
+        # No TENANT: the whole cache; TENANT "" is the shared namespace.
+        tenant = None if inputs.get("TENANT") is None else rq.resolve_tenants(inputs["TENANT"], 1)[0]
+        if command == "stats":
+            if tenant is not None:
+                result = self.cache.tenant_stats(tenant)
+            else:
+                result = {**self.cache.stats(),
+                          "tenants": {t: self.cache.tenant_stats(t) for t in self.cache.tenants()}}
+        elif command == "flush":
+            flushed = self.cache.flush(tenant)
+            self._dirty = True
+            # Persist the flush at once, keeping no older snapshot, so a restart cannot bring it back.
+            snapshot = self.maybe_snapshot(force=True, keep=1)
+            result = {"tenant": tenant, "flushed_entries": flushed, "snapshot": snapshot and str(snapshot)}
+        elif command == "snapshot":
+            if not self.config.snapshot_path:
+                raise rq.InvalidInput("COMMAND", "snapshot needs the latent_cache parameter snapshot_path")
+            snapshot = self.maybe_snapshot(force=True)
+            result = {"snapshot": str(snapshot), "entries": len(self.cache)}
+        else:
+            raise rq.InvalidInput("COMMAND", f"{command!r} is not one of {', '.join(admin.COMMANDS)}")
+        result["command"] = command
+        return {"ADMIN_RESULT": np.array([[admin.encode_result(result)]], dtype=object)}
 
     def _keys(self, inputs, rows: int) -> List[CacheKey]:
         prompts = rq.decode_texts(inputs["PROMPT"], "PROMPT", rows, required=True, max_bytes=1 << 30)
@@ -152,6 +189,8 @@ class CacheStep:
                          tenant=tenants[i], model_id=self.spec.model_id) for i in range(rows)]
 
     def _one(self, inputs) -> Dict[str, np.ndarray]:
+        if inputs.get("COMMAND") is not None:
+            return self._admin(inputs)
         embeddings = inputs["POOLED_EMBEDDING"]
         if embeddings is None:
             raise rq.InvalidInput("POOLED_EMBEDDING", "is required")

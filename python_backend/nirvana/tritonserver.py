@@ -22,7 +22,9 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
+
+from nirvana import admin
 
 
 def _site_packages() -> Path:
@@ -55,9 +57,13 @@ def prepare_backends(workdir: Path) -> Path:
     return backends
 
 
-def server_environment() -> Dict[str, str]:
-    """Environment for the server: this venv first on PATH, this Python's libpython first."""
+def server_environment(admin_key: Optional[str] = None) -> Dict[str, str]:
+    """Environment for the server: this venv first on PATH, this Python's libpython first, and
+    the admin key (for the latent_cache model) or none."""
     env = dict(os.environ)
+    env.pop(admin.ADMIN_KEY_ENV, None)
+    if admin_key:
+        env[admin.ADMIN_KEY_ENV] = admin_key
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     libs = [libdir, str(_site_packages() / "nvidia_pytriton.libs")]
     if env.get("LD_LIBRARY_PATH"):
@@ -84,11 +90,19 @@ class TritonServer:
         http_port, grpc_port, metrics_port: Ports; 0 picks a free one.
         log_file: Where the server's output goes (a temp file by default).
         extra_args: More tritonserver flags.
+        watchdog_interval_s: Seconds between stub-health probes (0: no watchdog).
+        admin_key: Turns on the cache admin surface and restricts ``restricted_apis`` (Triton's
+            own API categories) to requests carrying it (see :mod:`nirvana.admin`).
     """
 
     def __init__(self, model_repository: Path, http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
                  log_file: Optional[Path] = None, extra_args: Optional[List[str]] = None,
-                 watchdog_interval_s: float = 0.0):
+                 watchdog_interval_s: float = 0.0, admin_key: Optional[str] = None,
+                 restricted_apis: Sequence[str] = admin.RESTRICTED_APIS):
+        if admin_key is not None:
+            admin.validate_key(admin_key)
+        self.admin_key = admin_key
+        self.restricted_apis = tuple(restricted_apis)
         self.model_repository = Path(model_repository).resolve()
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
@@ -116,17 +130,22 @@ class TritonServer:
                 f"--metrics-port={self.metrics_port}", "--log-verbose=0",
                 # Explicit control with every model loaded: the watchdog can reload a model whose
                 # Python-backend stub died (Triton 2.51 neither restarts it nor marks it unready).
-                "--model-control-mode=explicit", "--load-model=*", *self.extra_args]
+                "--model-control-mode=explicit", "--load-model=*",
+                *(admin.triton_args(self.admin_key, self.restricted_apis) if self.admin_key else []),
+                *self.extra_args]
+
+    def environment(self) -> Dict[str, str]:
+        return server_environment(self.admin_key)
 
     def start(self, timeout: float = 300.0) -> "TritonServer":
         if not (self.model_repository / ".exported").exists():
             raise RuntimeError(f"{self.model_repository} has not been exported yet: run `make export`")
         log = open(self.log_file, "ab")
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                        env=server_environment(), start_new_session=True)
+                                        env=self.environment(), start_new_session=True)
         self.wait_ready(timeout)
         if self.watchdog_interval_s > 0:
-            self.watchdog = StubWatchdog(self.http_url, self.watchdog_interval_s).start()
+            self.watchdog = StubWatchdog(self.http_url, self.watchdog_interval_s, admin_key=self.admin_key).start()
         return self
 
     def is_ready(self) -> bool:
@@ -192,8 +211,11 @@ class StubWatchdog:
 
     STUB_ERROR = re.compile(r"Stub process '(\w+?)_\d+_\d+' is not healthy")
 
-    def __init__(self, http_url: str, interval_s: float = 10.0, model: str = "txt2img"):
+    def __init__(self, http_url: str, interval_s: float = 10.0, model: str = "txt2img",
+                 admin_key: Optional[str] = None):
         self.http_url, self.interval_s, self.model = http_url, interval_s, model
+        # Model load/unload is restricted when the server has an admin key.
+        self.headers = admin.headers(admin_key, "http") if admin_key else None
         self.reloads: List[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stub-watchdog", daemon=True)
@@ -230,11 +252,11 @@ class StubWatchdog:
                 # A load of an unchanged, loaded model is a no-op that keeps the dead stub: unload
                 # first, then load, which starts a fresh stub (and re-runs its initialize).
                 name = match.group(1)
-                client.unload_model(name)
+                client.unload_model(name, headers=self.headers)
                 deadline = time.monotonic() + 60
                 while client.is_model_ready(name) and time.monotonic() < deadline:
                     time.sleep(0.2)
-                client.load_model(name)
+                client.load_model(name, headers=self.headers)
                 self.reloads.append(name)
                 print(f"stub watchdog: reloaded {name} after its stub died", file=sys.stderr, flush=True)
                 return name
@@ -256,13 +278,26 @@ def main(argv=None) -> int:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--watchdog-interval", type=float, default=10.0,
                         help="seconds between stub-health probes (0: off)")
+    parser.add_argument("--admin-key-file", type=Path,
+                        help=f"file holding the admin key (default: ${admin.ADMIN_KEY_ENV}); turns on the "
+                             "cache_admin model and restricts --restricted-apis to requests with header "
+                             f"'{admin.ADMIN_HEADER}: <key>'. Without a key, cache_admin refuses everything")
+    parser.add_argument("--restricted-apis", default=",".join(admin.RESTRICTED_APIS),
+                        help="Triton API categories the admin key restricts (comma-separated; '' for none)")
     args, extra = parser.parse_known_args(argv)
-    server = TritonServer(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
-                          extra_args=extra)
+    try:
+        key = (args.admin_key_file.read_text().strip() if args.admin_key_file
+               else admin.server_key())
+        apis = [a for a in args.restricted_apis.split(",") if a.strip()]
+        server = TritonServer(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
+                              extra_args=extra, admin_key=key, restricted_apis=apis)
+    except (OSError, ValueError) as exc:
+        print(f"nirvana-serve: {exc}", file=sys.stderr)
+        return 2
     if not (server.model_repository / ".exported").exists():
         print(f"nirvana-serve: {server.model_repository} is not exported; run `make export`", file=sys.stderr)
         return 1
-    process = subprocess.Popen(server.command(), env=server_environment(), start_new_session=True)
+    process = subprocess.Popen(server.command(), env=server.environment(), start_new_session=True)
     server.process = process
 
     received = []
@@ -291,7 +326,7 @@ def _start_watchdog(server: TritonServer, interval_s: float) -> None:
         server.wait_ready(600)
     except (RuntimeError, TimeoutError):
         return
-    server.watchdog = StubWatchdog(server.http_url, interval_s).start()
+    server.watchdog = StubWatchdog(server.http_url, interval_s, admin_key=server.admin_key).start()
 
 
 if __name__ == "__main__":

@@ -134,3 +134,33 @@ def test_device_tier_serves_hits_from_gpu_memory():
     assert cache.store.usage()["device"]["states"] == 5
     result = cache.lookup(v, key(seed=9))
     assert result.latents.is_cuda and result.start_step == 25
+
+
+def test_flush_one_tenant_leaves_the_others():
+    cache = LatentCache(CacheConfig(), DIM)
+    v = unit(0)
+    for tenant in ("alice", "bob"):
+        cache.admit(v, key("a", tenant=tenant), states(), final_latents=torch.zeros(SHAPE))
+    cache.lookup(v, key("a", tenant="alice"))
+    assert cache.tenant_stats("alice")["exact_hits"] == 1
+    assert cache.flush("alice") == 1
+    assert cache.lookup(v, key("a", tenant="alice")).status == "miss"
+    assert cache.lookup(v, key("a", tenant="bob")).status == "exact"
+    alice, bob = cache.tenant_stats("alice"), cache.tenant_stats("bob")
+    assert (alice["entries"], alice["states"], alice["tiers"]) == (0, 0, {})
+    assert alice["lookups"] == 1  # counters restart at the flush
+    assert (bob["entries"], bob["states"], bob["exact_hits"]) == (1, 6, 1)
+    assert bob["tiers"]["host"]["states"] == 6
+    assert bob["tiers"]["host"]["used_bytes"] == cache.store.usage()["host"]["used_bytes"]
+    assert cache.counters["flushed_states"] == 6
+
+
+def test_flush_all_empties_index_and_store():
+    cache = LatentCache(CacheConfig(), DIM)
+    for i, tenant in enumerate(("", "alice", "bob")):
+        cache.admit(unit(i), key(str(i), tenant=tenant), states())
+    assert cache.tenants() == ["", "alice", "bob"]
+    assert cache.flush() == 3
+    assert len(cache) == 0 and len(cache.store) == 0 and len(cache.index) == 0
+    assert cache.store.usage()["host"]["used_bytes"] == 0
+    assert cache.tenants() == []

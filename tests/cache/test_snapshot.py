@@ -78,3 +78,16 @@ def test_half_written_snapshot_is_never_loaded(tmp_path):
 def test_no_snapshot_is_an_empty_cache(tmp_path):
     report = LatentCache(CacheConfig(), 8).restore(tmp_path / "absent")
     assert report["entries"] == 0 and report["snapshot"] is None
+
+
+def test_keep_one_leaves_no_older_snapshot(tmp_path):
+    cache, vectors = filled_cache()
+    cache.snapshot(tmp_path)
+    cache.snapshot(tmp_path)
+    assert len([p for p in tmp_path.glob("snap-*")]) == 2
+    cache.flush("t")
+    cache.snapshot(tmp_path, keep=1)
+    assert len([p for p in tmp_path.glob("snap-*")]) == 1
+    restored = LatentCache(CacheConfig(), 8)
+    assert restored.restore(tmp_path)["entries"] == 3
+    assert restored.tenants() == [""]

@@ -6,7 +6,7 @@ request sees the same cache.
 
 import triton_python_backend_utils as pb_utils
 
-from nirvana import backend
+from nirvana import admin, backend
 from nirvana.config import CacheConfig, parse_parameters
 from nirvana.metrics import CacheMetrics
 from nirvana.pipeline import CacheStep
@@ -15,7 +15,8 @@ from nirvana.pipeline import CacheStep
 class TritonPythonModel:
     def initialize(self, args):
         config = parse_parameters(CacheConfig, backend.model_config(args))
-        self.step = CacheStep(backend.version_dir(args), config, backend.device_for(args))
+        self.step = CacheStep(backend.version_dir(args), config, backend.device_for(args),
+                              admin_key=admin.server_key())
         self.metrics = CacheMetrics(pb_utils)
         report = self.step.restore_report
         if report.get("snapshot") or report.get("problems"):

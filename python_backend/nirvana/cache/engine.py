@@ -8,6 +8,7 @@ leaves the index once it has no state left.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 from dataclasses import dataclass, field
@@ -99,7 +100,9 @@ class LatentCache:
         self._ids = itertools.count(1)
         self._clock = itertools.count(1)
         self.counters: Dict[str, int] = {"lookups": 0, "exact_hits": 0, "approximate_hits": 0, "misses": 0,
-                                         "admitted_states": 0, "evicted_states": 0}
+                                         "admitted_states": 0, "evicted_states": 0, "flushed_states": 0}
+        # The same lookup counters per tenant, for the admin surface's per-tenant stats.
+        self.tenant_counters: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -117,14 +120,14 @@ class LatentCache:
             An exact hit (final latents, start_step == steps), an approximate hit (a cached
             state and its step) or a miss (start_step 0, latents None: the caller makes noise).
         """
-        self.counters["lookups"] += 1
+        self._count(key, "lookups")
         save = self.save_steps(key.steps)
         if self.config.exact_hit:
             entry_id = self._by_digest.get(key.digest())
             if entry_id is not None:
                 state = self._use(entry_id, FINAL)
                 if state is not None:
-                    self.counters["exact_hits"] += 1
+                    self._count(key, "exact_hits")
                     return LookupResult(EXACT, key.steps, 1.0, state, key.prompt, ())
         best = 0.0
         for entry_id, similarity in self.index.search(key.namespace, embedding, k=4):
@@ -136,12 +139,16 @@ class LatentCache:
             for step in sorted((s for s in entry.steps if 0 < s <= wanted), reverse=True):
                 state = self._use(entry_id, step)
                 if state is not None:
-                    self.counters["approximate_hits"] += 1
+                    self._count(key, "approximate_hits")
                     return LookupResult(APPROXIMATE, step, similarity, state, entry.key.prompt,
                                         tuple(s for s in save if s > step))
-        self.counters["misses"] += 1
+        self._count(key, "misses")
         # A miss still reports the nearest similarity seen, so clients can see how close it came.
         return LookupResult(MISS, 0, best, None, "", save)
+
+    def _count(self, key: CacheKey, name: str) -> None:
+        self.counters[name] += 1
+        self.tenant_counters[key.tenant][name] += 1
 
     def _use(self, entry_id: int, step: int) -> Optional[torch.Tensor]:
         state = self.store.get((entry_id, step))
@@ -220,13 +227,34 @@ class LatentCache:
             del self._entries[entry_id]
             self._by_digest.pop(entry.key.digest(), None)
 
+    def flush(self, tenant: Optional[str] = None) -> int:
+        """Drop every entry of ``tenant`` (all tenants when None), from the index and every tier.
+
+        Returns:
+            How many entries were dropped.
+        """
+        doomed = [e for e in self._entries.values() if tenant is None or e.key.tenant == tenant]
+        for entry in doomed:
+            for step in list(entry.steps):
+                self._forget_state(entry.entry_id, step)
+                self.counters["flushed_states"] += 1
+        if tenant is None:
+            self.tenant_counters.clear()
+        else:
+            self.tenant_counters.pop(tenant, None)
+        return len(doomed)
+
     # -- persistence ----------------------------------------------------------------------------
 
-    def snapshot(self, root: Path) -> Path:
-        """Write an atomic, checksummed snapshot under ``root`` (see :mod:`nirvana.cache.snapshot`)."""
-        from nirvana.cache.snapshot import write_snapshot
+    def snapshot(self, root: Path, keep: Optional[int] = None) -> Path:
+        """Write an atomic, checksummed snapshot under ``root`` (see :mod:`nirvana.cache.snapshot`).
 
-        return write_snapshot(self, root)
+        Args:
+            keep: Snapshots left on disk, this one included (default: the newest two).
+        """
+        from nirvana.cache.snapshot import KEEP, write_snapshot
+
+        return write_snapshot(self, root, KEEP if keep is None else keep)
 
     def restore(self, root: Path) -> Dict[str, object]:
         """Load the newest valid snapshot under ``root``; returns what was loaded and skipped."""
@@ -266,3 +294,23 @@ class LatentCache:
     def stats(self) -> Dict[str, object]:
         return {"entries": len(self._entries), "states": len(self.store), "tiers": self.store.usage(),
                 **self.counters}
+
+    def tenants(self) -> List[str]:
+        """Tenants with cached entries or lookups since their last flush."""
+        return sorted({e.key.tenant for e in self._entries.values()} | set(self.tenant_counters))
+
+    def tenant_stats(self, tenant: str) -> Dict[str, object]:
+        """Entries, states and bytes per tier of one tenant, and its lookup counters."""
+        entries = [e for e in self._entries.values() if e.key.tenant == tenant]
+        tiers: Dict[str, Dict[str, int]] = {}
+        for entry in entries:
+            for step in entry.steps:
+                placed = self.store.placement((entry.entry_id, step))
+                if placed is not None:
+                    usage = tiers.setdefault(placed[0], {"used_bytes": 0, "states": 0})
+                    usage["used_bytes"] += placed[1]
+                    usage["states"] += 1
+        counters = self.tenant_counters.get(tenant, {})
+        return {"tenant": tenant, "entries": len(entries), "states": sum(len(e.steps) for e in entries),
+                "tiers": tiers, **{name: int(counters.get(name, 0))
+                                   for name in ("lookups", "exact_hits", "approximate_hits", "misses")}}

@@ -54,8 +54,12 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def write_snapshot(cache: "LatentCache", root: Path) -> Path:
+def write_snapshot(cache: "LatentCache", root: Path, keep: int = KEEP) -> Path:
     """Write a complete snapshot of ``cache`` under ``root`` and make it CURRENT.
+
+    Args:
+        keep: Complete snapshots left on disk, this one included (1 after a flush, so
+            flushed states do not linger in the fallback snapshot).
 
     Returns:
         The snapshot folder.
@@ -95,18 +99,18 @@ def write_snapshot(cache: "LatentCache", root: Path) -> Path:
     current_tmp = root / "CURRENT.tmp"
     _fsync_write(current_tmp, f"{name} {hashlib.sha256(manifest).hexdigest()}\n".encode())
     os.replace(current_tmp, root / "CURRENT")
-    _prune(root, keep=final)
+    _prune(root, final, keep)
     return final
 
 
-def _prune(root: Path, keep: Path) -> None:
+def _prune(root: Path, newest: Path, keep: int) -> None:
     snaps = sorted((p for p in root.glob("snap-*") if p.is_dir()), key=lambda p: p.name)
     for path in snaps:
-        if path.name.endswith(".partial") and path != keep:
+        if path.name.endswith(".partial") and path != newest:
             shutil.rmtree(path, ignore_errors=True)
     complete = [p for p in snaps if not p.name.endswith(".partial")]
-    for path in complete[:-KEEP]:
-        if path != keep:
+    for path in complete[:-max(keep, 1)]:
+        if path != newest:
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -164,6 +164,11 @@ class LatentStore:
     def tier_name(self, key: Hashable) -> str:
         return self._tier_of[key].name
 
+    def placement(self, key: Hashable) -> Optional[Tuple[str, int]]:
+        """The tier holding ``key`` and its size in bytes, or None if it is not stored."""
+        tier = self._tier_of.get(key)
+        return None if tier is None else (tier.name, tier.sizes[key])
+
     def put(self, key: Hashable, tensor: torch.Tensor, score: Tuple,
             dtype: Optional[torch.dtype] = None) -> List[Hashable]:
         """Store ``tensor`` under ``key`` in the fastest tier it fits.
