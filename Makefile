@@ -19,13 +19,14 @@ EXPORTED := $(REPO)/.exported
 PERF_LOG ?= $(firstword $(wildcard ../shared/workloads/sd_discord_dreambot_W1-dream-2.jsonl) perf/data/diffusiondb_sample.jsonl)
 PERF_LIMIT ?= 120
 
-.PHONY: help venv export serve demo test perf perf-deps clean
+.PHONY: help venv export serve demo test perf soak perf-deps clean
 help:
 	@echo "make demo    - install, export the embedded model, serve it, run a few prompts, stop"
 	@echo "make test    - install, export, run unit and integration tests (real tritonserver)"
 	@echo "make serve   - run tritonserver in the foreground (HTTP_PORT/GRPC_PORT/METRICS_PORT)"
 	@echo "make export  - export the embedded model into $(REPO)/ (and build/ for the NVIDIA container)"
 	@echo "make perf    - benchmarks; results under perf/results/"
+	@echo "make soak    - the long soak alone (SOAK_SECONDS=600 at concurrency 8); perf/results/soak.md"
 
 venv: $(INSTALLED)
 $(INSTALLED): pyproject.toml
@@ -39,7 +40,8 @@ $(EXPORTED): $(INSTALLED) $(wildcard export/*.py export/container/*/config.pbtxt
 	$(BIN)/nirvana-export --repository $(REPO)
 
 serve: $(EXPORTED)
-	$(BIN)/nirvana-serve --model-repository $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(BIN)/nirvana-serve --model-repository $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+		$(if $(ADMIN_KEY_FILE),--admin-key-file $(ADMIN_KEY_FILE))
 
 demo: $(EXPORTED)
 	$(BIN)/python -m nirvana_client.demo --model-repository $(REPO) --output demo_output
@@ -54,6 +56,10 @@ perf-deps: $(INSTALLED)
 
 perf: $(EXPORTED) perf-deps
 	$(BIN)/python -m nirvana_perf.run_all --log $(PERF_LOG) --limit $(PERF_LIMIT)
+
+SOAK_SECONDS ?= 600
+soak: $(EXPORTED) perf-deps
+	$(BIN)/python -m nirvana_perf.run_all --soak-only --soak-seconds $(SOAK_SECONDS) --log $(PERF_LOG)
 
 clean:
 	rm -rf build demo_output perf/results $(EXPORTED)

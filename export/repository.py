@@ -10,8 +10,10 @@ text_encoder and vae_decoder run on Triton's own onnxruntime backend.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
+from typing import Dict
 
 from nirvana.config import PipelineSpec
 
@@ -77,3 +79,26 @@ def write_container_repository(repository: Path, target: Path) -> Path:
     for model in ONNX_BACKEND_MODELS:
         shutil.copy2(CONTAINER_CONFIGS / model / "config.pbtxt", target / model / "config.pbtxt")
     return target
+
+
+def repository_variant(source: Path, target: Path, parameters: Dict[str, Dict[str, str]]) -> Path:
+    """Copy ``source`` to ``target`` (ONNX files hard-linked) and set ``parameters[model][key] = value``.
+
+    For runs with other model parameters (tests, soaks) that leave the committed configs alone.
+    """
+    for src in Path(source).rglob("*"):
+        if src.is_dir() or "__pycache__" in src.parts:
+            continue
+        _link_or_copy(src, Path(target) / src.relative_to(source))
+    for model, values in parameters.items():
+        config = Path(target) / model / "config.pbtxt"
+        text = config.read_text()
+        for key, value in values.items():
+            entry = f'{{ key: "{key}" value: {{ string_value: "{value}" }} }}'
+            pattern = re.compile(r'\{ key: "' + re.escape(key) + r'" value: \{ string_value: "[^"]*" \} \}')
+            if pattern.search(text):
+                text = pattern.sub(entry, text)
+            else:
+                text = text.replace("parameters [\n", f"parameters [\n  {entry},\n", 1)
+        config.write_text(text)
+    return Path(target)

@@ -9,6 +9,10 @@ Steps, all against one tritonserver started here on free local ports:
    statistics) as a fraction of a miss.
 4. perf_analyzer: a concurrency sweep on the ensemble with prompts from the same log;
    its CSV (with per-composing-model columns) goes into the report.
+5. Soak, on a second server whose latent store has small host and disk budgets (so states are
+   evicted through both tiers all along): perf_analyzer at concurrency 8 for ``--soak-seconds``
+   (60; ``make soak`` runs 600 alone with ``--soak-only``). Passes with zero failed requests,
+   every tier within its byte budget and resident memory flat after warm-up.
 
 Everything lands in perf/results/ (report.md, JSON, CSV, PNG).
 """
@@ -23,6 +27,7 @@ import platform
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -31,6 +36,7 @@ import numpy as np
 
 from nirvana.tritonserver import TritonServer
 from nirvana_client.client import infer_inputs
+from nirvana_export.repository import repository_variant
 from nirvana_perf import replay
 from nirvana_perf.simulate import load_log
 
@@ -94,6 +100,7 @@ def model_statistics(url: str) -> Dict[str, Dict[str, float]]:
         inf = s.get("inference_stats", {})
         stats[model] = {
             "requests": int(inf.get("success", {}).get("count", 0)),
+            "failures": int(inf.get("fail", {}).get("count", 0)),
             "executions": int(s.get("execution_count", 0)),
             "compute_s": int(inf.get("compute_infer", {}).get("ns", 0)) / 1e9,
             "queue_s": int(inf.get("queue", {}).get("ns", 0)) / 1e9,
@@ -103,7 +110,7 @@ def model_statistics(url: str) -> Dict[str, Dict[str, float]]:
 
 
 def perf_analyzer(url: str, log: Path, limit: int, steps: int, concurrency: str, output: Path,
-                  extra: List[str] = ()) -> Dict[str, object]:
+                  extra: List[str] = (), timeout_s: float = 900) -> Dict[str, object]:
     binary = Path(sys.executable).parent / "perf_analyzer"
     rows = load_log(log, limit)
     data = {"data": [{"PROMPT": {"content": [str(r["prompt"])], "shape": [1]},
@@ -116,7 +123,7 @@ def perf_analyzer(url: str, log: Path, limit: int, steps: int, concurrency: str,
     cmd = [str(binary), "-m", "txt2img", "-u", url, "-i", "grpc", "--input-data", str(data_path),
            "--concurrency-range", concurrency, "--measurement-interval", "10000", "--max-trials", "4",
            "--stability-percentage", "50", "-f", str(csv_path), "--verbose-csv", *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     (output / "perf_analyzer.log").write_text(proc.stdout + proc.stderr)
     composing = composing_csv(proc.stdout)
     (output / "perf_analyzer_composing.csv").write_text(composing)
@@ -179,36 +186,73 @@ def cache_tiers(metrics_port: int) -> Dict[str, Dict[str, float]]:
     return tiers
 
 
-def soak(server: TritonServer, log: Path, seconds: int, concurrency: int, steps: int, output: Path) -> Dict[str, object]:
-    """perf_analyzer at a fixed concurrency for ``seconds``, sampling the server's memory meanwhile."""
+def memory_growth(samples: List[tuple], warmup_s: float) -> Dict[str, object]:
+    """Resident memory after warm-up: median of its first and last fifth, and whether it is flat
+    (grew by at most 64 MB or 3%, whichever is larger)."""
+    warm = [rss for t, rss in samples if t >= warmup_s]
+    if len(warm) < 2:
+        return {"rss_after_warmup_first_mb": None, "rss_last_mb": None, "rss_growth_mb": None, "memory_flat": False}
+    fifth = max(1, len(warm) // 5)
+    first, last = float(np.median(warm[:fifth])) / 2**20, float(np.median(warm[-fifth:])) / 2**20
+    return {"rss_after_warmup_first_mb": first, "rss_last_mb": last, "rss_growth_mb": last - first,
+            "memory_flat": last - first <= max(64.0, 0.03 * first)}
+
+
+def soak(repository: Path, log: Path, seconds: int, concurrency: int, steps: int, output: Path,
+         host_bytes: int, disk_bytes: int) -> Dict[str, object]:
+    """perf_analyzer at a fixed concurrency for ``seconds`` on a server with small tier budgets,
+    sampling the server's memory meanwhile."""
     import threading
 
-    samples: List[tuple] = []
-    stop = threading.Event()
+    with tempfile.TemporaryDirectory(prefix="nirvana-soak-") as tmp:
+        variant = repository_variant(repository, Path(tmp) / "repo", {"latent_cache": {
+            "host_bytes": str(host_bytes), "disk_bytes": str(disk_bytes), "disk_path": str(Path(tmp) / "disk")}})
+        with TritonServer(variant) as server:
+            samples: List[tuple] = []
+            stop = threading.Event()
 
-    def sample():
-        start = time.monotonic()
-        while not stop.wait(5):
-            samples.append((time.monotonic() - start, process_tree_rss(server.process.pid)))
+            def sample():
+                start = time.monotonic()
+                while not stop.wait(5):
+                    samples.append((time.monotonic() - start, process_tree_rss(server.process.pid)))
 
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    soak_dir = output / "soak"
-    soak_dir.mkdir(parents=True, exist_ok=True)
-    result = perf_analyzer(server.grpc_url, log, 200, steps, f"{concurrency}:{concurrency}", soak_dir,
-                           # three windows of seconds/3 that always count as stable: a fixed-length run
-                           extra=["--measurement-interval", str(seconds * 1000 // 3), "--max-trials", "3",
-                                  "--stability-percentage", "1000"])
-    stop.set()
-    thread.join()
-    tiers = cache_tiers(server.metrics_port)
-    warm = [rss for t, rss in samples if t >= min(20, seconds / 3)]
+            thread = threading.Thread(target=sample, daemon=True)
+            thread.start()
+            soak_dir = output / "soak"
+            soak_dir.mkdir(parents=True, exist_ok=True)
+            before = model_statistics(server.grpc_url)
+            result = perf_analyzer(server.grpc_url, log, 200, steps, f"{concurrency}:{concurrency}", soak_dir,
+                                   # three windows of seconds/3 that always count as stable: a fixed-length run
+                                   extra=["--measurement-interval", str(seconds * 1000 // 3), "--max-trials", "3",
+                                          "--stability-percentage", "1000"], timeout_s=seconds * 2 + 600)
+            stop.set()
+            thread.join()
+            after = model_statistics(server.grpc_url)
+            tiers = cache_tiers(server.metrics_port)
+            evictions = cache_evictions(server.metrics_port)
+    served = {m: after[m]["requests"] - before[m]["requests"] for m in ("txt2img",)}
+    failed = {m: after[m]["failures"] - before[m]["failures"] for m in after}
     return {"seconds": seconds, "concurrency": concurrency, "steps": steps, "returncode": result["returncode"],
-            "summary": result["summary"], "errors": result["errors"],
-            "rss_after_warmup_first_mb": warm[0] / 2**20 if warm else None,
-            "rss_last_mb": warm[-1] / 2**20 if warm else None,
+            "summary": result["summary"], "errors": result["errors"], "served": served["txt2img"],
+            "failed_requests": failed, "host_bytes": host_bytes, "disk_bytes": disk_bytes, "evictions": evictions,
+            **memory_growth(samples, warmup_s=min(60, seconds / 4)),
             "rss_samples_mb": [(round(t), round(r / 2**20)) for t, r in samples],
             "tiers": tiers, "tiers_within_budget": all(v.get("used", 0) <= v.get("budget", 0) for v in tiers.values())}
+
+
+def cache_evictions(metrics_port: int) -> Dict[str, float]:
+    """nirvana_cache_evictions_total per tier, from the metrics port."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return {tier: float(value) for tier, value in
+            re.findall(r'^nirvana_cache_evictions_total\{[^}]*tier="(\w+)"[^}]*\} (\S+)$', text, re.M)}
+
+
+def soak_passed(k: Dict[str, object]) -> bool:
+    return (k["returncode"] == 0 and not any(k["failed_requests"].values()) and k["tiers_within_budget"]
+            and k["memory_flat"])
 
 
 def main(argv=None) -> int:
@@ -221,11 +265,35 @@ def main(argv=None) -> int:
     parser.add_argument("--pa-concurrency", default="1:2", help="perf_analyzer --concurrency-range")
     parser.add_argument("--soak-seconds", type=int, default=60, help="perf_analyzer soak length (0: skip)")
     parser.add_argument("--soak-concurrency", type=int, default=8)
+    parser.add_argument("--soak-host-bytes", type=int, default=64 << 10,
+                        help="host tier budget of the soak server (small, so states are evicted all along)")
+    parser.add_argument("--soak-disk-bytes", type=int, default=256 << 10, help="disk tier budget of the soak server")
+    parser.add_argument("--soak-only", action="store_true", help="run the soak alone (`make soak`)")
     parser.add_argument("--output", type=Path, default=Path("perf/results"))
     args = parser.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
     report: Dict[str, object] = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
                                             f"{platform.platform()}", "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if not args.soak_only:
+        report.update(benchmarks(args))
+    if args.soak_seconds:
+        print(f"soak: perf_analyzer at concurrency {args.soak_concurrency} for {args.soak_seconds}s "
+              f"(host tier {args.soak_host_bytes} B, disk tier {args.soak_disk_bytes} B) ...", flush=True)
+        report["soak"] = soak(args.model_repository, args.log, args.soak_seconds, args.soak_concurrency, args.steps,
+                              args.output, args.soak_host_bytes, args.soak_disk_bytes)
+    name = "soak" if args.soak_only else "report"
+    (args.output / f"{name}.json").write_text(json.dumps(report, indent=1))
+    text = render_soak(report["soak"]) if args.soak_only else render(report)
+    (args.output / f"{name}.md").write_text(text)
+    print(text)
+    ok = ("perf_analyzer" not in report or report["perf_analyzer"]["returncode"] == 0) and \
+        ("soak" not in report or soak_passed(report["soak"]))
+    return 0 if ok else 1
+
+
+def benchmarks(args: argparse.Namespace) -> Dict[str, object]:
+    """Steps 1-4 of the module docstring, on one server over the committed repository."""
+    report: Dict[str, object] = {}
     with TritonServer(args.model_repository) as server:
         print(f"server up: gRPC {server.grpc_url}", flush=True)
         print("1/4 ensemble overhead ...", flush=True)
@@ -255,15 +323,7 @@ def main(argv=None) -> int:
         print("4/4 perf_analyzer ...", flush=True)
         report["perf_analyzer"] = perf_analyzer(server.grpc_url, args.log, 50, args.steps, args.pa_concurrency,
                                                 args.output)
-        if args.soak_seconds:
-            print(f"soak: perf_analyzer at concurrency {args.soak_concurrency} for {args.soak_seconds}s ...", flush=True)
-            report["soak"] = soak(server, args.log, args.soak_seconds, args.soak_concurrency, args.steps, args.output)
-    (args.output / "report.json").write_text(json.dumps(report, indent=1))
-    (args.output / "report.md").write_text(render(report))
-    print(render(report))
-    soaked = report.get("soak", {"returncode": 0, "tiers_within_budget": True})
-    ok = report["perf_analyzer"]["returncode"] == 0 and soaked["returncode"] == 0 and soaked["tiers_within_budget"]
-    return 0 if ok else 1
+    return report
 
 
 def render(report: Dict[str, object]) -> str:
@@ -285,15 +345,25 @@ def render(report: Dict[str, object]) -> str:
               report["perf_analyzer"].get("composing_csv", "").strip(), "```", "",
               "Plots: replay/replay.png (latency CDF by cache result, K histogram, throughput)."]
     if "soak" in report:
-        k = report["soak"]
-        lines += ["", f"## Soak: perf_analyzer at concurrency {k['concurrency']} for {k['seconds']}s ({k['steps']} steps)", "",
-                  f"- perf_analyzer exit code {k['returncode']}; " + "; ".join(k["summary"]),
-                  f"- errors reported: {k['errors'] or 'none'}",
-                  f"- server + stubs resident memory after warm-up: {k['rss_after_warmup_first_mb']:.0f} MB -> "
-                  f"{k['rss_last_mb']:.0f} MB (samples every 5 s: {k['rss_samples_mb']})" if k["rss_last_mb"] else "- no memory samples",
-                  f"- store tiers within budget: {k['tiers_within_budget']} ({k['tiers']})"]
+        lines += ["", render_soak(report["soak"])]
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def render_soak(k: Dict[str, object]) -> str:
+    growth = k["rss_growth_mb"]
+    memory = (f"{k['rss_after_warmup_first_mb']:.0f} MB -> {k['rss_last_mb']:.0f} MB ({growth:+.0f} MB, "
+              f"flat: {k['memory_flat']}; samples every 5 s: {k['rss_samples_mb']})" if growth is not None
+              else "no samples")
+    lines = [f"## Soak: perf_analyzer at concurrency {k['concurrency']} for {k['seconds']}s ({k['steps']} steps)", "",
+             f"- result: {'PASS' if soak_passed(k) else 'FAIL'}",
+             f"- perf_analyzer exit code {k['returncode']}; " + "; ".join(k["summary"]),
+             f"- requests served {k['served']}; failed requests per model (Triton statistics): {k['failed_requests']}",
+             f"- errors reported: {k['errors'] or 'none'}",
+             f"- server + stubs resident memory after warm-up: {memory}",
+             f"- store tiers within budget: {k['tiers_within_budget']} ({k['tiers']}); budgets host {k['host_bytes']} B, "
+             f"disk {k['disk_bytes']} B; evictions per tier {k['evictions']}"]
+    return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@ from nirvana_client import Txt2ImgClient, Txt2ImgError
 from nirvana_client.admin import CacheAdminClient
 from nirvana_client.admin import main as admin_cli
 from tests.integration.test_faults import _stub_pids
-from tests.repository_variant import repository_variant
+from nirvana_export.repository import repository_variant
 
 pytestmark = pytest.mark.integration
 

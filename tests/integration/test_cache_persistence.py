@@ -4,7 +4,7 @@ import pytest
 
 from nirvana.tritonserver import TritonServer
 from nirvana_client import Txt2ImgClient, Txt2ImgError
-from tests.repository_variant import repository_variant
+from nirvana_export.repository import repository_variant
 
 pytestmark = pytest.mark.integration
 
