@@ -349,8 +349,6 @@ def render(report: Dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def render_soak(k: Dict[str, object]) -> str:
@@ -367,3 +365,7 @@ def render_soak(k: Dict[str, object]) -> str:
              f"- store tiers within budget: {k['tiers_within_budget']} ({k['tiers']}); budgets host {k['host_bytes']} B, "
              f"disk {k['disk_bytes']} B; evictions per tier {k['evictions']}"]
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

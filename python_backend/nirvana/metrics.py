@@ -32,6 +32,7 @@ class CacheMetrics:
             "admitted": make("nirvana_cache_admitted_states_total", "Noise states admitted", family.COUNTER),
             "evictions": make("nirvana_cache_evictions_total", "States pushed out of a tier (to the next, or "
                               "dropped from the last)", family.COUNTER),
+            "flushed": make("nirvana_cache_flushed_states_total", "States dropped by admin flushes", family.COUNTER),
             "bytes": make("nirvana_cache_bytes", "Bytes held per store tier", family.GAUGE),
             "budget": make("nirvana_cache_budget_bytes", "Byte budget per store tier", family.GAUGE),
             "entries": make("nirvana_cache_entries", "Cached prompts (index entries)", family.GAUGE),
@@ -70,6 +71,7 @@ class CacheMetrics:
         self._count("lookup_seconds", counters.get("lookup_seconds", 0.0))
         cache = step.cache
         self._count("admitted", cache.counters["admitted_states"])
+        self._count("flushed", cache.counters["flushed_states"])
         for tier, count in cache.store.evictions.items():
             self._count("evictions", count, tier=tier)
         for tier, usage in cache.store.usage().items():

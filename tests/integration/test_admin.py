@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import signal
 import threading
+import urllib.request
 
 import pytest
 import tritonclient.grpc as grpc
@@ -82,6 +84,9 @@ def test_per_tenant_stats_and_flush(admin_server, protocol):
         assert flushed["flushed_entries"] == 1 and flushed["tenant"] == alice
         assert client.stats(alice)["entries"] == 0
         assert client.stats(bob)["entries"] == 1
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{admin_server.metrics_port}/metrics").read().decode()
+        flushed = re.search(r"^nirvana_cache_flushed_states_total\{[^}]*\} (\S+)$", metrics, re.M)
+        assert flushed and float(flushed.group(1)) >= first[0].admitted
         assert gen.generate(prompt, seed=3, steps=10, tenant=bob).cache_status == "exact"
         assert gen.generate(prompt, seed=3, steps=10, tenant=alice).cache_status == "miss"
         with pytest.raises(Txt2ImgError, match="COMMAND: 'purge' is not one of"):

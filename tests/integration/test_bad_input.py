@@ -55,6 +55,22 @@ def steps(value=2, dtype=np.int32, name="INT32"):
     ([prompt(), steps(), ("TENANT", np.array([[b"bad tenant!"]], dtype=object), "BYTES")], "TENANT"),
     ([("PROMPT", np.array([[b"a", b"b"]], dtype=object), "BYTES"), steps()], "PROMPT"),
     ([prompt(rows=9), steps()], "batch"),
+    ([prompt(b""), steps()], "PROMPT: is empty"),
+    ([prompt(b"a\x00b"), steps()], "PROMPT: contains a NUL character"),
+    ([("PROMPT", np.array([[1]], np.int32), "INT32"), steps()], "PROMPT"),
+    ([prompt(), ("NEGATIVE_PROMPT", np.array([[b"\xc3\x28"]], dtype=object), "BYTES"), steps()],
+     "NEGATIVE_PROMPT: is not valid UTF-8"),
+    ([prompt(), steps(0)], "STEPS: 0 is out of range 1..200"),
+    ([prompt(), steps(201)], "STEPS: 201 is out of range 1..200"),
+    ([prompt(), ("STEPS", np.array([[2, 2]], np.int32), "INT32")], "STEPS"),
+    ([prompt(), steps(), ("GUIDANCE_SCALE", np.array([[np.nan]], np.float32), "FP32")], "GUIDANCE_SCALE: nan"),
+    ([prompt(), steps(), ("GUIDANCE_SCALE", np.array([[51.0]], np.float32), "FP32")], "GUIDANCE_SCALE: 51.0"),
+    ([prompt(), steps(), ("SEED", np.array([[-1]], np.int64), "INT64")], "SEED: -1 is out of range"),
+    ([prompt(), steps(), ("SEED", np.array([[1.5]], np.float32), "FP32")], "SEED"),
+    ([prompt(), steps(), ("TENANT", np.array([[b"t" * 65]], dtype=object), "BYTES")], "TENANT"),
+    ([prompt(), steps(), ("TENANT", np.array([[b"../etc"]], dtype=object), "BYTES")], "TENANT"),
+    ([prompt(), steps(), ("CACHE", np.array([[1]], np.int32), "INT32")], "CACHE"),
+    ([prompt(), steps(), ("BOGUS", np.array([[1]], np.int32), "INT32")], "BOGUS"),
 ])
 def test_bad_input_is_rejected_by_name_and_the_server_keeps_serving(raw, tensors, message):
     send, module = raw
