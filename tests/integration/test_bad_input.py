@@ -44,7 +44,8 @@ def steps(value=2, dtype=np.int32, name="INT32"):
     return ("STEPS", np.array([[value]], dtype=dtype), name)
 
 
-@pytest.mark.parametrize("tensors, message", [
+# Every bad input tried, and (a part of) the error it must get.
+BAD_INPUTS = [
     ([prompt(b"\xff\xfe not utf-8"), steps()], "PROMPT: is not valid UTF-8"),
     ([prompt(b"x" * (1024 * 1024 + 1)), steps()], "PROMPT: is 1048577 bytes; the limit is 1048576"),
     ([prompt(b"\t \n"), steps()], "PROMPT: is empty"),
@@ -71,7 +72,10 @@ def steps(value=2, dtype=np.int32, name="INT32"):
     ([prompt(), steps(), ("TENANT", np.array([[b"../etc"]], dtype=object), "BYTES")], "TENANT"),
     ([prompt(), steps(), ("CACHE", np.array([[1]], np.int32), "INT32")], "CACHE"),
     ([prompt(), steps(), ("BOGUS", np.array([[1]], np.int32), "INT32")], "BOGUS"),
-])
+]
+
+
+@pytest.mark.parametrize("tensors, message", BAD_INPUTS)
 def test_bad_input_is_rejected_by_name_and_the_server_keeps_serving(raw, tensors, message):
     send, module = raw
     with pytest.raises(module.InferenceServerException, match=message):

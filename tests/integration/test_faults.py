@@ -9,6 +9,7 @@ import pytest
 
 from nirvana.tritonserver import TritonServer
 from nirvana_client import Txt2ImgClient, Txt2ImgError
+from nirvana_client.admin import CacheAdminClient
 from nirvana_export.repository import repository_variant
 
 pytestmark = pytest.mark.integration
@@ -20,11 +21,15 @@ def test_kill_9_under_load_then_restart_keeps_every_snapshotted_entry(repository
         "latent_cache": {"snapshot_path": str(snapshots), "snapshot_interval_s": "0"}})
     prompts = ["a lighthouse on a cliff, watercolor", "a plate of sushi on a black table",
                "an astronaut floating above the earth", "a medieval castle in heavy fog"]
-    server = TritonServer(variant).start()
+    key = "fault-test-admin-key-0123"
+    server = TritonServer(variant, admin_key=key).start()
     try:
         with Txt2ImgClient(server.grpc_url, "grpc", timeout_s=60) as client:
             admitted = [client.generate(p, seed=1, steps=10) for p in prompts]
         assert all(r.cache_status == "miss" and r.admitted > 0 for r in admitted)
+        with CacheAdminClient(server.grpc_url, "grpc", key) as admin:
+            before = admin.stats()
+        assert before["entries"] == len(prompts) and before["states"] == sum(r.admitted for r in admitted)
         outcomes = []
 
         def in_flight(i):
@@ -46,7 +51,10 @@ def test_kill_9_under_load_then_restart_keeps_every_snapshotted_entry(repository
         assert outcomes and all(o != "finished" for o in outcomes), outcomes
     finally:
         server.stop()
-    with TritonServer(variant) as restarted, Txt2ImgClient(restarted.grpc_url, "grpc") as client:
+    with TritonServer(variant, admin_key=key) as restarted, Txt2ImgClient(restarted.grpc_url, "grpc") as client:
+        with CacheAdminClient(restarted.grpc_url, "grpc", key) as admin:
+            after = admin.stats()
+        assert (after["entries"], after["states"]) == (before["entries"], before["states"])
         again = [client.generate(p, seed=1, steps=10) for p in prompts]
         assert [r.cache_status for r in again] == ["exact"] * len(prompts)
         assert all((a.image == b.image).all() for a, b in zip(admitted, again))
