@@ -56,6 +56,7 @@ BAD_INPUTS = [
     ([prompt(), steps(), ("TENANT", np.array([[b"bad tenant!"]], dtype=object), "BYTES")], "TENANT"),
     ([("PROMPT", np.array([[b"a", b"b"]], dtype=object), "BYTES"), steps()], "PROMPT"),
     ([prompt(rows=9), steps()], "batch"),
+    ([prompt(rows=9), ("STEPS", np.array([[2]] * 9, np.int32), "INT32")], "batch-size must be <= 8"),
     ([prompt(b""), steps()], "PROMPT: is empty"),
     ([prompt(b"a\x00b"), steps()], "PROMPT: contains a NUL character"),
     ([("PROMPT", np.array([[1]], np.int32), "INT32"), steps()], "PROMPT"),
