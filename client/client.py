@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -81,12 +81,17 @@ def connect(url: str, protocol: str, timeout_s: float):
     raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
 
 
+def text_tensor(text: str) -> np.ndarray:
+    """A one-row BYTES tensor holding ``text`` as UTF-8."""
+    return np.array([[text.encode("utf-8")]], dtype=object)
+
+
 def _text(value) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-class Txt2ImgClient:
-    """Sends prompts to the ``txt2img`` ensemble.
+class ServerClient:
+    """A tritonclient connection over gRPC or HTTP, closed by ``with``; the base of this package's clients.
 
     Args:
         url: host:port of the server (gRPC port for grpc, HTTP port for http).
@@ -102,11 +107,26 @@ class Txt2ImgClient:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "Txt2ImgClient":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _infer(self, model: str, inputs: list, outputs: Sequence[str], headers: Optional[Mapping[str, str]] = None):
+        """One inference of ``inputs`` (InferInput objects); a server error becomes :class:`Txt2ImgError`
+        with the server's message."""
+        requested = [self._module.InferRequestedOutput(name) for name in outputs]
+        # The HTTP client applies its timeout at connection level; gRPC takes it per call.
+        timeout = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        try:
+            return self._client.infer(model, inputs, outputs=requested, headers=headers, **timeout)
+        except self._module.InferenceServerException as exc:
+            raise Txt2ImgError(exc.message() or str(exc)) from None
+
+
+class Txt2ImgClient(ServerClient):
+    """Sends prompts to the ``txt2img`` ensemble (arguments: :class:`ServerClient`)."""
 
     def is_ready(self) -> bool:
         try:
@@ -118,13 +138,12 @@ class Txt2ImgClient:
                      steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                      tenant: Optional[str] = None, cache: Optional[bool] = None):
         """The request tensors; None leaves an input out (the server applies its default)."""
-        text = lambda s: np.array([[s.encode("utf-8")]], dtype=object)  # noqa: E731
-        values = {"PROMPT": None if prompt is None else text(prompt),
-                  "NEGATIVE_PROMPT": None if negative_prompt is None else text(negative_prompt),
+        values = {"PROMPT": None if prompt is None else text_tensor(prompt),
+                  "NEGATIVE_PROMPT": None if negative_prompt is None else text_tensor(negative_prompt),
                   "SEED": None if seed is None else np.array([[seed]], dtype=np.int64),
                   "STEPS": None if steps is None else np.array([[steps]], dtype=np.int32),
                   "GUIDANCE_SCALE": None if guidance_scale is None else np.array([[guidance_scale]], dtype=np.float32),
-                  "TENANT": None if tenant is None else text(tenant),
+                  "TENANT": None if tenant is None else text_tensor(tenant),
                   "CACHE": None if cache is None else np.array([[cache]], dtype=bool)}
         return infer_inputs(self._module, {k: v for k, v in values.items() if v is not None})
 
@@ -140,17 +159,9 @@ class Txt2ImgClient:
             Txt2ImgError: With the server's message (e.g. ``PROMPT: is required``).
         """
         inputs = self.build_inputs(prompt, negative_prompt, seed, steps, guidance_scale, tenant, cache)
-        outputs = [self._module.InferRequestedOutput(name) for name in OUTPUTS]
         start = time.perf_counter()
-        try:
-            if self.protocol == "grpc":
-                result = self._client.infer(MODEL, inputs, outputs=outputs, client_timeout=self.timeout_s)
-            else:
-                result = self._client.infer(MODEL, inputs, outputs=outputs)
-        except self._module.InferenceServerException as exc:
-            raise Txt2ImgError(exc.message() or str(exc)) from None
-        latency = time.perf_counter() - start
-        return parse_result(result.as_numpy, latency)
+        result = self._infer(MODEL, inputs, OUTPUTS)
+        return parse_result(result.as_numpy, time.perf_counter() - start)
 
 
 def parse_result(as_numpy, latency_s: float) -> GenerationResult:
