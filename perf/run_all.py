@@ -30,7 +30,7 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -174,8 +174,8 @@ def process_tree_rss(pid: int) -> int:
     return total
 
 
-def cache_tiers(metrics_port: int) -> Dict[str, Dict[str, float]]:
-    """nirvana_cache_bytes and budget per tier, from the metrics port."""
+def cache_metrics(metrics_port: int) -> Tuple[Dict[str, Dict[str, float]], Dict[str, float]]:
+    """From one scrape of the metrics port: bytes used and budget per tier, and evictions per tier."""
     import re
     import urllib.request
 
@@ -183,7 +183,9 @@ def cache_tiers(metrics_port: int) -> Dict[str, Dict[str, float]]:
     tiers: Dict[str, Dict[str, float]] = {}
     for name, tier, value in re.findall(r'^(nirvana_cache_(?:budget_)?bytes)\{[^}]*tier="(\w+)"[^}]*\} (\S+)$', text, re.M):
         tiers.setdefault(tier, {})["budget" if "budget" in name else "used"] = float(value)
-    return tiers
+    evictions = {tier: float(value) for tier, value in
+                 re.findall(r'^nirvana_cache_evictions_total\{[^}]*tier="(\w+)"[^}]*\} (\S+)$', text, re.M)}
+    return tiers, evictions
 
 
 def memory_growth(samples: List[tuple], warmup_s: float) -> Dict[str, object]:
@@ -228,26 +230,15 @@ def soak(repository: Path, log: Path, seconds: int, concurrency: int, steps: int
             stop.set()
             thread.join()
             after = model_statistics(server.grpc_url)
-            tiers = cache_tiers(server.metrics_port)
-            evictions = cache_evictions(server.metrics_port)
-    served = {m: after[m]["requests"] - before[m]["requests"] for m in ("txt2img",)}
+            tiers, evictions = cache_metrics(server.metrics_port)
     failed = {m: after[m]["failures"] - before[m]["failures"] for m in after}
     return {"seconds": seconds, "concurrency": concurrency, "steps": steps, "returncode": result["returncode"],
-            "summary": result["summary"], "errors": result["errors"], "served": served["txt2img"],
+            "summary": result["summary"], "errors": result["errors"],
+            "served": after["txt2img"]["requests"] - before["txt2img"]["requests"],
             "failed_requests": failed, "host_bytes": host_bytes, "disk_bytes": disk_bytes, "evictions": evictions,
             **memory_growth(samples, warmup_s=min(60, seconds / 4)),
             "rss_samples_mb": [(round(t), round(r / 2**20)) for t, r in samples],
             "tiers": tiers, "tiers_within_budget": all(v.get("used", 0) <= v.get("budget", 0) for v in tiers.values())}
-
-
-def cache_evictions(metrics_port: int) -> Dict[str, float]:
-    """nirvana_cache_evictions_total per tier, from the metrics port."""
-    import re
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return {tier: float(value) for tier, value in
-            re.findall(r'^nirvana_cache_evictions_total\{[^}]*tier="(\w+)"[^}]*\} (\S+)$', text, re.M)}
 
 
 def soak_passed(k: Dict[str, object]) -> bool:
@@ -347,8 +338,6 @@ def render(report: Dict[str, object]) -> str:
     if "soak" in report:
         lines += ["", render_soak(report["soak"])]
     return "\n".join(lines) + "\n"
-
-
 
 
 def render_soak(k: Dict[str, object]) -> str:
