@@ -158,8 +158,7 @@ class CacheStep:
             if tenant is not None:
                 result = self.cache.tenant_stats(tenant)
             else:
-                result = {**self.cache.stats(),
-                          "tenants": {t: self.cache.tenant_stats(t) for t in self.cache.tenants()}}
+                result = {**self.cache.stats(), "tenants": self.cache.all_tenant_stats()}
         elif command == "flush":
             flushed = self.cache.flush(tenant)
             self._dirty = True

@@ -152,6 +152,7 @@ def test_flush_one_tenant_leaves_the_others():
     assert (bob["entries"], bob["states"], bob["exact_hits"]) == (1, 6, 1)
     assert bob["tiers"]["host"]["states"] == 6
     assert bob["tiers"]["host"]["used_bytes"] == cache.store.usage()["host"]["used_bytes"]
+    assert cache.all_tenant_stats() == {"alice": alice, "bob": bob}
     assert cache.counters["flushed_states"] == 6
 
 

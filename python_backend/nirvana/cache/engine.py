@@ -301,7 +301,16 @@ class LatentCache:
 
     def tenant_stats(self, tenant: str) -> Dict[str, object]:
         """Entries, states and bytes per tier of one tenant, and its lookup counters."""
-        entries = [e for e in self._entries.values() if e.key.tenant == tenant]
+        return self._tenant_stats(tenant, [e for e in self._entries.values() if e.key.tenant == tenant])
+
+    def all_tenant_stats(self) -> Dict[str, Dict[str, object]]:
+        """:meth:`tenant_stats` of every tenant, from one pass over the entries."""
+        groups: Dict[str, List[_Entry]] = {tenant: [] for tenant in self.tenants()}
+        for entry in self._entries.values():
+            groups[entry.key.tenant].append(entry)
+        return {tenant: self._tenant_stats(tenant, entries) for tenant, entries in groups.items()}
+
+    def _tenant_stats(self, tenant: str, entries: List[_Entry]) -> Dict[str, object]:
         tiers: Dict[str, Dict[str, int]] = {}
         for entry in entries:
             for step in entry.steps:
