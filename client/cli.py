@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="denoising steps (server default: 50)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (server default: 7.5)")
     parser.add_argument("--tenant", help="private cache namespace (letters, digits, _.-)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the image")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds to wait for the image; the server also stops working on it then")
     return parser
 
 
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     def generate(url):
         with Txt2ImgClient(url, args.protocol, timeout_s=args.timeout) as client:
             return client.generate(args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance,
-                                   args.tenant)
+                                   args.tenant, timeout_ms=max(1, int(args.timeout * 1000)))
 
     result, code = call_server("txt2img", args, generate)
     if code:
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
                  f"{', matched: ' + repr(result.matched_prompt) if result.cache_status == 'approximate' else ''})")
     print(f"{args.output}: {result.image.shape[1]}x{result.image.shape[0]}, seed {result.seed}, {cache}, "
           f"skipped {result.start_step} of {result.steps} steps, {result.latency_s:.2f}s"
-          + (" [prompt truncated]" if result.prompt_truncated else ""))
+          + (" [prompt truncated]" if result.prompt_truncated else "")
+          + (" [coalesced with an identical request in flight]" if result.coalesced else ""))
     return 0
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 MODEL = "txt2img"
 OUTPUTS = ("IMAGE", "CACHE_STATUS", "START_STEP", "SIMILARITY", "MATCHED_PROMPT", "SEED_USED",
-           "STEPS_USED", "ADMITTED", "PROMPT_TRUNCATED")
+           "STEPS_USED", "ADMITTED", "PROMPT_TRUNCATED", "COALESCED")
 
 
 class Txt2ImgError(RuntimeError):
@@ -38,6 +38,7 @@ class GenerationResult:
     admitted: int
     prompt_truncated: bool
     latency_s: float
+    coalesced: bool = False  # an identical request was in flight: this one got its result, ran no step
 
     @property
     def steps_skipped(self) -> int:
@@ -84,6 +85,11 @@ def connect(url: str, protocol: str, timeout_s: float):
 def text_tensor(text: str) -> np.ndarray:
     """A one-row BYTES tensor holding ``text`` as UTF-8."""
     return np.array([[text.encode("utf-8")]], dtype=object)
+
+
+def _flag(array: Optional[np.ndarray]) -> bool:
+    """A BOOL output's first value; False when the server did not send it (older servers)."""
+    return bool(array.reshape(-1)[0]) if array is not None else False
 
 
 def _text(value) -> str:
@@ -136,7 +142,7 @@ class Txt2ImgClient(ServerClient):
 
     def build_inputs(self, prompt: Optional[str], negative_prompt: Optional[str] = None, seed: Optional[int] = None,
                      steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-                     tenant: Optional[str] = None, cache: Optional[bool] = None):
+                     tenant: Optional[str] = None, cache: Optional[bool] = None, timeout_ms: Optional[int] = None):
         """The request tensors; None leaves an input out (the server applies its default)."""
         values = {"PROMPT": None if prompt is None else text_tensor(prompt),
                   "NEGATIVE_PROMPT": None if negative_prompt is None else text_tensor(negative_prompt),
@@ -144,21 +150,25 @@ class Txt2ImgClient(ServerClient):
                   "STEPS": None if steps is None else np.array([[steps]], dtype=np.int32),
                   "GUIDANCE_SCALE": None if guidance_scale is None else np.array([[guidance_scale]], dtype=np.float32),
                   "TENANT": None if tenant is None else text_tensor(tenant),
-                  "CACHE": None if cache is None else np.array([[cache]], dtype=bool)}
+                  "CACHE": None if cache is None else np.array([[cache]], dtype=bool),
+                  "TIMEOUT_MS": None if timeout_ms is None else np.array([[timeout_ms]], dtype=np.int32)}
         return infer_inputs(self._module, {k: v for k, v in values.items() if v is not None})
 
     def generate(self, prompt: Optional[str], negative_prompt: Optional[str] = None, seed: Optional[int] = None,
                  steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-                 tenant: Optional[str] = None, cache: Optional[bool] = None) -> GenerationResult:
+                 tenant: Optional[str] = None, cache: Optional[bool] = None,
+                 timeout_ms: Optional[int] = None) -> GenerationResult:
         """Generate one image.
 
         ``tenant`` selects a private cache namespace: lookups never cross tenants.
         ``cache=False`` bypasses the cache (no lookup, no admission), e.g. for A/B measurements.
+        ``timeout_ms``: the server gives up (UNAVAILABLE) when the image is not done that long
+        after the request arrived, and frees its batch rows.
 
         Raises:
             Txt2ImgError: With the server's message (e.g. ``PROMPT: is required``).
         """
-        inputs = self.build_inputs(prompt, negative_prompt, seed, steps, guidance_scale, tenant, cache)
+        inputs = self.build_inputs(prompt, negative_prompt, seed, steps, guidance_scale, tenant, cache, timeout_ms)
         start = time.perf_counter()
         result = self._infer(MODEL, inputs, OUTPUTS)
         return parse_result(result.as_numpy, time.perf_counter() - start)
@@ -177,4 +187,5 @@ def parse_result(as_numpy, latency_s: float) -> GenerationResult:
         admitted=int(as_numpy("ADMITTED").reshape(-1)[0]),
         prompt_truncated=bool(as_numpy("PROMPT_TRUNCATED").reshape(-1)[0]),
         latency_s=latency_s,
+        coalesced=_flag(as_numpy("COALESCED")),
     )

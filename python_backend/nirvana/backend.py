@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from nirvana.requests import InvalidInput
+from nirvana.step_engine import EngineUnavailable, RequestCancelled
 
 Outputs = Dict[str, np.ndarray]
 # Key under which serve() hands a request's parameters to a step with WANTS_PARAMETERS.
@@ -47,14 +48,17 @@ def request_parameters(request) -> Dict[str, Any]:
 
 
 def error_response(pb_utils, exc: BaseException):
-    """INVALID_ARG for bad input (the message names the field), UNAVAILABLE for a missing admin key
-    (what Triton's own restricted protocols answer), INTERNAL otherwise."""
+    """INVALID_ARG for bad input (the message names the field); UNAVAILABLE for a missing admin key
+    (what Triton's own restricted protocols answer) and for an overloaded, stopping or timed-out
+    UNet loop (the client may retry); CANCELLED for a cancelled request; INTERNAL otherwise."""
+    codes = pb_utils.TritonError
     if isinstance(exc, InvalidInput):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
-    if isinstance(exc, PermissionError):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE))
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(
-        f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL))
+        return pb_utils.InferenceResponse(error=codes(str(exc), codes.INVALID_ARG))
+    if isinstance(exc, (PermissionError, EngineUnavailable)):
+        return pb_utils.InferenceResponse(error=codes(str(exc), codes.UNAVAILABLE))
+    if isinstance(exc, RequestCancelled):
+        return pb_utils.InferenceResponse(error=codes(str(exc), getattr(codes, "CANCELLED", codes.UNAVAILABLE)))
+    return pb_utils.InferenceResponse(error=codes(f"{type(exc).__name__}: {exc}", codes.INTERNAL))
 
 
 def serve(pb_utils, requests: List, step, logger=None) -> List:
@@ -76,6 +80,53 @@ def serve(pb_utils, requests: List, step, logger=None) -> List:
         results = [exc] * len(requests)
     return [error_response(pb_utils, r) if isinstance(r, BaseException) else make_response(pb_utils, r)
             for r in results]
+
+
+class TritonResponder:
+    """Answers one request after ``execute`` returned, from any thread, exactly once.
+
+    A non-decoupled Python model may keep a request's response sender, return None from
+    ``execute`` and send the single response (with the FINAL flag) later; Triton ensembles, HTTP,
+    unary gRPC and perf_analyzer see an ordinary response.
+    """
+
+    def __init__(self, pb_utils, request, logger=None):
+        self._pb_utils = pb_utils
+        self._sender = request.get_response_sender()
+        self._logger = logger
+
+    def send(self, outputs: Outputs) -> None:
+        self._final(make_response(self._pb_utils, outputs))
+
+    def fail(self, exc: BaseException) -> None:
+        self._final(error_response(self._pb_utils, exc))
+
+    def is_cancelled(self) -> bool:
+        return bool(self._sender.is_cancelled())
+
+    def _final(self, response) -> None:
+        try:
+            self._sender.send(response, flags=self._pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:  # noqa: BLE001 - e.g. the server already dropped the request
+            if self._logger is not None:
+                self._logger.log_error(traceback.format_exc())
+
+
+def serve_held(pb_utils, requests: List, step, logger=None) -> None:
+    """Hand each request to ``step.submit(inputs, responder)``, which answers it later (or now).
+
+    A request ``submit`` refuses (bad input, overload) is answered here at once, so every
+    request gets exactly one response. Returns None, as Triton expects from such a model.
+    """
+    for request in requests:
+        responder = TritonResponder(pb_utils, request, logger)
+        try:
+            step.submit(read_inputs(pb_utils, request, step.INPUTS), responder)
+        except Exception as exc:  # noqa: BLE001 - answered with its Triton error code
+            if logger is not None and not isinstance(exc, (InvalidInput, EngineUnavailable)):
+                logger.log_error(traceback.format_exc())
+            responder.fail(exc)
+    return None
 
 
 def make_response(pb_utils, outputs: Outputs):

@@ -118,10 +118,13 @@ class RequestDefaults:
     default_guidance_scale: float = 7.5
     max_guidance_scale: float = 50.0
     max_prompt_bytes: int = 1 << 20
+    max_timeout_ms: int = 3_600_000
 
     def validate(self) -> None:
         if not 1 <= self.default_steps <= self.max_steps:
             raise ConfigError("default_steps must be within 1..max_steps")
+        if self.max_timeout_ms < 1:
+            raise ConfigError("max_timeout_ms must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,10 +150,18 @@ class CacheConfig:
     store_dtype: str = "float16"
     exact_hit: bool = True
     admit_on_hit: bool = True
-    index: str = "flat"
+    # Similarity index: "auto" = exact search below nirvana.cache.index.AUTO_IVF_MIN entries per
+    # namespace, recall-checked IVF above; or "flat", "ivf", "hnsw" (see nirvana.cache.index).
+    index: str = "auto"
+    # faiss OpenMP threads in this process: 1, so the cache does not fight the UNet loop for the cores.
+    index_threads: int = 1
     use_gpu: bool = True
     snapshot_path: str = ""
     snapshot_interval_s: float = 60.0
+    # Benchmark only: fill the cache at load with this many synthetic entries (random clustered
+    # embeddings, one 2-byte state each, never served) to measure its cost at a size
+    # (LatentCache.fill_synthetic, perf/cache_cost.py). 0 in any real deployment.
+    synthetic_entries: int = 0
 
     def with_model_thresholds(self, spec: "PipelineSpec") -> "CacheConfig":
         """This config, with the model's thresholds where none are configured."""
@@ -169,20 +180,50 @@ class CacheConfig:
             raise ConfigError(f"thresholds name steps {unknown} that are not in cache_steps")
         if self.eviction not in ("lcbfu", "lru", "lfu", "fifo"):
             raise ConfigError(f"eviction must be lcbfu, lru, lfu or fifo, not {self.eviction!r}")
-        if self.index not in ("flat", "ivf", "hnsw"):
-            raise ConfigError(f"index must be flat, ivf or hnsw, not {self.index!r}")
+        if self.index not in ("auto", "flat", "ivf", "hnsw"):
+            raise ConfigError(f"index must be auto, flat, ivf or hnsw, not {self.index!r}")
+        if self.index_threads < 0:
+            raise ConfigError("index_threads must be >= 0 (0: faiss's default, one per core)")
+        if self.synthetic_entries < 0:
+            raise ConfigError("synthetic_entries must be >= 0")
+        if self.synthetic_entries and self.snapshot_path:
+            raise ConfigError("synthetic_entries (benchmark-only) cannot be combined with snapshot_path")
         if self.store_dtype not in ("float16", "float32", "bfloat16"):
             raise ConfigError("store_dtype must be float16, bfloat16 or float32")
 
 
+BATCHING_MODES = ("step", "execute")
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetLoopConfig:
-    """The ``unet_loop`` model: scheduler and execution provider."""
+    """The ``unet_loop`` model: scheduler, execution provider and how requests share UNet calls.
+
+    Attributes:
+        batching: "step" (default): one running batch per instance; a request joins at the next
+            UNet call ("tick") and is answered as soon as its own steps are done (see
+            :mod:`nirvana.step_engine`). "execute": the batch Triton hands to one ``execute`` runs
+            to its longest member's last step while later requests queue (kept for comparison).
+        max_active_rows: Most rows (images) denoised in one tick; the UNet batch is up to twice
+            that with classifier-free guidance. Rows beyond it wait in the pending queue.
+        max_pending_rows: Most rows waiting to join; past it a request is answered UNAVAILABLE.
+        cancel_check_ticks: Ask Triton whether a held request was cancelled every this many ticks
+            (each ask is a round trip to the server).
+        stuck_tick_s: A tick running longer than this fails every held request (the engine is
+            considered stuck) instead of letting clients hang; 0 turns the check off.
+        default_timeout_ms: Deadline of requests that send no TIMEOUT_MS; 0 = none.
+    """
 
     scheduler: str = "ddim"
     execution_provider: str = "auto"
     io_binding: bool = True
     intra_op_threads: int = 0
+    batching: str = "step"
+    max_active_rows: int = 8
+    max_pending_rows: int = 64
+    cancel_check_ticks: int = 4
+    stuck_tick_s: float = 120.0
+    default_timeout_ms: int = 0
 
     def validate(self) -> None:
         from nirvana.schedulers import SCHEDULERS
@@ -191,6 +232,14 @@ class UNetLoopConfig:
             raise ConfigError(f"scheduler must be one of {sorted(SCHEDULERS)}, not {self.scheduler!r}")
         if self.execution_provider not in ("auto", "cpu", "cuda", "tensorrt"):
             raise ConfigError("execution_provider must be auto, cpu, cuda or tensorrt")
+        if self.batching not in BATCHING_MODES:
+            raise ConfigError(f"batching must be one of {', '.join(BATCHING_MODES)}, not {self.batching!r}")
+        if self.max_active_rows < 1 or self.max_pending_rows < 0:
+            raise ConfigError("max_active_rows must be >= 1 and max_pending_rows >= 0")
+        if self.cancel_check_ticks < 1:
+            raise ConfigError("cancel_check_ticks must be >= 1")
+        if self.stuck_tick_s < 0 or self.default_timeout_ms < 0:
+            raise ConfigError("stuck_tick_s and default_timeout_ms must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,3 +78,50 @@ class CacheMetrics:
             self._set("bytes", usage["used_bytes"], tier=tier)
             self._set("budget", usage["budget_bytes"], tier=tier)
         self._set("entries", len(cache))
+
+
+class StepEngineMetrics:
+    """The unet_loop step engine's counters and gauges as Triton metric families.
+
+    Rows per tick is ``nirvana_unet_tick_rows_total / nirvana_unet_ticks_total`` over any window
+    (Prometheus: a ratio of two ``rate()``s), tick time likewise with ``tick_seconds_total``.
+    """
+
+    COUNTERS = {
+        "ticks": ("nirvana_unet_ticks_total", "UNet calls of the step engine (ticks)"),
+        "tick_rows": ("nirvana_unet_tick_rows_total", "Rows denoised summed over ticks (divide by ticks: "
+                                                      "active rows per tick)"),
+        "tick_seconds": ("nirvana_unet_tick_seconds_total", "Time spent in ticks"),
+    }
+    # EngineStats field -> value of the "outcome" label of nirvana_unet_requests_total
+    OUTCOMES = ("completed", "immediate", "rejected", "expired", "cancelled", "failed")
+
+    def __init__(self, pb_utils, model: str = "unet_loop"):
+        family = pb_utils.MetricFamily
+        labels = {"model": model}
+        self._counters = {}
+        for field_name, (name, text) in self.COUNTERS.items():
+            self._counters[field_name] = family(name=name, description=text, kind=family.COUNTER).Metric(labels=labels)
+        requests = family(name="nirvana_unet_requests_total", description="Requests held by the step engine by "
+                          "outcome (immediate = answered without a tick, e.g. exact hits)", kind=family.COUNTER)
+        for outcome in self.OUTCOMES:
+            self._counters[outcome] = requests.Metric(labels={**labels, "outcome": outcome})
+        self._counters["coalesced_rows"] = family(
+            name="nirvana_unet_coalesced_rows_total", description="Rows computed once for identical requests in "
+            "flight (answered with the first one's result)", kind=family.COUNTER).Metric(labels=labels)
+        rows = family(name="nirvana_unet_rows", description="Rows in the step engine by state", kind=family.GAUGE)
+        self._gauges = {"active_rows": rows.Metric(labels={**labels, "state": "active"}),
+                        "pending_rows": rows.Metric(labels={**labels, "state": "pending"})}
+        self._published = {}
+
+    def publish(self, engine) -> None:
+        """Bring every metric up to date with ``engine.stats`` (a StepEngine)."""
+        stats = engine.stats
+        for field_name, metric in self._counters.items():
+            total = float(getattr(stats, field_name))
+            delta = total - self._published.get(field_name, 0.0)
+            if delta > 0:
+                metric.increment(delta)
+                self._published[field_name] = total
+        for field_name, metric in self._gauges.items():
+            metric.set(float(getattr(stats, field_name)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -25,7 +25,8 @@ from nirvana.cache.engine import APPROXIMATE, DISABLED
 from nirvana.config import CacheConfig, OnnxModelConfig, PipelineSpec, RequestDefaults, UNetLoopConfig
 from nirvana.onnx_session import OnnxModel
 from nirvana.text import PromptTokenizer
-from nirvana.unet_loop import DenoiseJob, DenoiseResult, StepRangeLoop
+from nirvana.step_engine import DeadlineExceeded, StepEngine, Ticket
+from nirvana.unet_loop import DenoiseJob, DenoiseResult, StepRangeLoop, job_digest
 
 Batch = List[Dict[str, Optional[np.ndarray]]]
 Results = List[Union[Dict[str, np.ndarray], BaseException]]
@@ -53,7 +54,7 @@ def _each(batch: Batch, fn) -> Results:
 class TokenizerStep:
     """Entry of the pipeline: validates the request, resolves defaults, tokenizes both prompts."""
 
-    INPUTS = ("PROMPT", "NEGATIVE_PROMPT", "SEED", "STEPS", "GUIDANCE_SCALE", "TENANT")
+    INPUTS = ("PROMPT", "NEGATIVE_PROMPT", "SEED", "STEPS", "GUIDANCE_SCALE", "TENANT", "TIMEOUT_MS")
 
     def __init__(self, directory: Path, defaults: RequestDefaults):
         self.defaults = defaults
@@ -74,6 +75,9 @@ class TokenizerStep:
         steps = rq.resolve_steps(inputs["STEPS"], rows, d.default_steps, d.max_steps)
         guidance = rq.resolve_guidance(inputs["GUIDANCE_SCALE"], rows, d.default_guidance_scale,
                                        d.max_guidance_scale)
+        # The deadline is stamped here, where the request enters the pipeline, on the wall clock
+        # that every model process of this server shares.
+        deadlines = rq.resolve_deadlines(inputs.get("TIMEOUT_MS"), rows, d.max_timeout_ms, time.time_ns())
         cond = self.tokenizer(prompts)
         uncond = self.tokenizer(negatives)
         return {
@@ -82,6 +86,7 @@ class TokenizerStep:
             "RESOLVED_SEED": seeds.reshape(rows, 1), "RESOLVED_STEPS": steps.reshape(rows, 1),
             "RESOLVED_GUIDANCE_SCALE": guidance.reshape(rows, 1),
             "PROMPT_TRUNCATED": cond.truncated.reshape(rows, 1),
+            "RESOLVED_DEADLINE_NS": deadlines.reshape(rows, 1),
         }
 
 
@@ -115,7 +120,7 @@ class CacheStep:
     """
 
     INPUTS = ("POOLED_EMBEDDING", "PROMPT", "NEGATIVE_PROMPT", "SEED", "STEPS", "GUIDANCE_SCALE", "TENANT",
-              "CACHE", "START_STEP", "CHECKPOINTS", "CHECKPOINT_STEPS", "FINAL_LATENTS", "COMMAND")
+              "CACHE", "START_STEP", "CHECKPOINTS", "CHECKPOINT_STEPS", "FINAL_LATENTS", "COMMAND", "COALESCED")
     WANTS_PARAMETERS = True  # admin requests carry the key as a (forwarded header) request parameter
 
     def __init__(self, directory: Path, config: CacheConfig, device: Optional[torch.device] = None,
@@ -242,8 +247,18 @@ class CacheStep:
         if final is None:
             raise rq.InvalidInput("FINAL_LATENTS", "is required with CHECKPOINT_STEPS")
         admitted = np.zeros((len(keys), 1), dtype=np.int32)
+        coalesced = (np.zeros(len(keys), dtype=bool) if inputs.get("COALESCED") is None
+                     else inputs["COALESCED"].reshape(-1).astype(bool))
         for i, key in enumerate(keys):
             if not enabled[i]:
+                continue
+            if coalesced[i]:
+                # An identical request in flight computed this one's result: it ran no step, and
+                # that request admits the states.
+                started = 0 if start is None else int(start.reshape(-1)[i])
+                self.counters["coalesced"] += 1
+                self.counters["steps_saved"] += key.steps - started
+                self.counters["steps_run"] -= key.steps - started
                 continue
             checkpoints = {int(k): torch.from_numpy(np.array(states[i, j]))
                            for j, k in enumerate(steps_in[i]) if int(k) > 0}
@@ -257,17 +272,38 @@ class CacheStep:
         return {"ADMITTED": admitted, "LATENTS": final}
 
 
+class Responder(Protocol):
+    """How a held request is answered later (Triton's response sender, in the adapter)."""
+
+    def send(self, outputs: Dict[str, np.ndarray]) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+    def is_cancelled(self) -> bool: ...
+
+
 class UNetLoopStep:
-    """The unet_loop model: all requests of a batch denoise together in one step loop."""
+    """The unet_loop model: denoises each request from START_STEP to STEPS.
+
+    With ``batching`` "step" (default) requests are handed to a :class:`StepEngine` with
+    :meth:`submit` and answered from its thread when their own rows are done; with "execute"
+    all requests of one Triton batch run one loop together in :meth:`execute`.
+    """
 
     INPUTS = ("HIDDEN_STATES", "NEGATIVE_HIDDEN_STATES", "LATENTS", "START_STEP", "STEPS",
-              "GUIDANCE_SCALE", "SAVE_STEPS")
+              "GUIDANCE_SCALE", "SAVE_STEPS", "DEADLINE_NS")
+    REQUIRED = INPUTS[:-1]
 
-    def __init__(self, directory: Path, config: UNetLoopConfig):
+    def __init__(self, directory: Path, config: UNetLoopConfig,
+                 on_engine_tick: Optional[Callable[[StepEngine], None]] = None):
         self.spec = PipelineSpec.load(directory)
         self.config = config
         self.unet = OnnxModel(Path(directory) / "unet.onnx", config.execution_provider, config.intra_op_threads)
         self.loop = StepRangeLoop(self._predict_noise, config.scheduler, self.spec.scheduler_config)
+        self.engine: Optional[StepEngine] = None
+        if config.batching == "step":
+            self.engine = StepEngine(self.loop, config.max_active_rows, config.max_pending_rows,
+                                     config.cancel_check_ticks, config.stuck_tick_s, on_engine_tick)
 
     def _predict_noise(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         # Jobs live on the UNet's device (see jobs_for), so with IOBinding nothing is copied per step.
@@ -278,8 +314,41 @@ class UNetLoopStep:
         out = self.unet.run({k: v.cpu().numpy() for k, v in feeds.items()})
         return torch.from_numpy(out["noise_pred"]).to(device)
 
+    def submit(self, inputs, responder: Responder) -> None:
+        """Hand one request to the step engine; ``responder`` gets its one answer later (or now).
+
+        Raises:
+            InvalidInput: Naming the bad field (nothing was taken).
+            EngineUnavailable: Overloaded, stopping or failed (nothing was taken).
+        """
+        if self.engine is None:
+            raise RuntimeError("submit needs batching 'step'")
+        jobs = self.jobs_for(inputs)
+        deadline = self.deadline_for(inputs)
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded("TIMEOUT_MS: the request's deadline passed before the UNet loop took it")
+        self.engine.submit(Ticket(
+            jobs, on_done=lambda done, coalesced: responder.send(self.outputs_for(inputs, done, coalesced)),
+            on_error=responder.fail, deadline=deadline, is_cancelled=responder.is_cancelled))
+
+    def deadline_for(self, inputs) -> Optional[float]:
+        """The request's deadline on ``time.monotonic()``'s clock: DEADLINE_NS (wall clock, set by
+        the tokenizer from TIMEOUT_MS when the request entered the pipeline), else
+        ``default_timeout_ms`` from now; None when neither is set."""
+        value = inputs.get("DEADLINE_NS")
+        deadline_ns = int(value.reshape(-1).max()) if value is not None and value.size else 0
+        if deadline_ns > 0:
+            return time.monotonic() + (deadline_ns - time.time_ns()) / 1e9
+        if self.config.default_timeout_ms:
+            return time.monotonic() + self.config.default_timeout_ms / 1e3
+        return None
+
+    def stop(self) -> int:
+        """Fail every held request (model unload); returns how many."""
+        return self.engine.stop() if self.engine is not None else 0
+
     def execute(self, batch: Batch) -> Results:
-        """All requests of ``batch`` in one loop run; they may start at different steps."""
+        """Per-execute batching: all requests of ``batch`` in one loop run; they may start at different steps."""
         jobs: List[DenoiseJob] = []
         owners: List[int] = []
         results: Results = [None] * len(batch)  # type: ignore[list-item]
@@ -294,10 +363,11 @@ class UNetLoopStep:
         done = self.loop.run(jobs)
         for r, inputs in enumerate(batch):
             if results[r] is None:
-                results[r] = self.outputs_for(inputs, [res for res, owner in zip(done, owners) if owner == r])
+                mine = [res for res, owner in zip(done, owners) if owner == r]
+                results[r] = self.outputs_for(inputs, mine, [False] * len(mine))
         return results
 
-    def outputs_for(self, inputs, done: List[DenoiseResult]) -> Dict[str, np.ndarray]:
+    def outputs_for(self, inputs, done: List[DenoiseResult], coalesced: Sequence[bool]) -> Dict[str, np.ndarray]:
         """Output tensors of one request from its jobs' results."""
         width = inputs["SAVE_STEPS"].shape[1]
         shape = self.spec.latent_shape
@@ -308,14 +378,18 @@ class UNetLoopStep:
                 checkpoints[i, j] = state.cpu().numpy()
                 steps[i, j] = k
         return {"FINAL_LATENTS": np.stack([res.latents.cpu().numpy() for res in done]),
-                "CHECKPOINTS": checkpoints, "CHECKPOINT_STEPS": steps}
+                "CHECKPOINTS": checkpoints, "CHECKPOINT_STEPS": steps,
+                "COALESCED": np.array(coalesced, dtype=bool).reshape(len(done), 1)}
 
     def jobs_for(self, inputs) -> List[DenoiseJob]:
         """The loop jobs of one request (one per row); raises InvalidInput naming the field."""
-        for name in self.INPUTS:
-            if inputs[name] is None:
+        for name in self.REQUIRED:
+            if inputs.get(name) is None:
                 raise rq.InvalidInput(name, "is required")
         rows = len(inputs["LATENTS"])
+        for name in self.REQUIRED:
+            if len(inputs[name]) != rows:
+                raise rq.InvalidInput(name, f"has {len(inputs[name])} rows, LATENTS has {rows}")
         start = inputs["START_STEP"].reshape(-1)
         steps = inputs["STEPS"].reshape(-1)
         guidance = inputs["GUIDANCE_SCALE"].reshape(-1)
@@ -326,9 +400,10 @@ class UNetLoopStep:
             if not 0 <= int(start[i]) <= int(steps[i]):
                 raise rq.InvalidInput("START_STEP", f"{int(start[i])} is outside 0..STEPS ({int(steps[i])})")
             save = tuple(int(k) for k in inputs["SAVE_STEPS"][i] if 0 < int(k) < int(steps[i]))
+            latents, hidden, negative = (inputs[n][i] for n in ("LATENTS", "HIDDEN_STATES", "NEGATIVE_HIDDEN_STATES"))
             jobs.append(DenoiseJob(
-                latents=as_tensor(inputs["LATENTS"][i]), prompt_embeds=as_tensor(inputs["HIDDEN_STATES"][i]),
-                negative_embeds=as_tensor(inputs["NEGATIVE_HIDDEN_STATES"][i]),
+                latents=as_tensor(latents), prompt_embeds=as_tensor(hidden), negative_embeds=as_tensor(negative),
                 start_step=int(start[i]), steps=int(steps[i]), guidance_scale=float(guidance[i]),
-                save_steps=save))
+                save_steps=save, digest=job_digest(latents, hidden, negative, int(start[i]), int(steps[i]),
+                                                   float(guidance[i]), save)))
         return jobs

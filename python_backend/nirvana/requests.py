@@ -118,6 +118,17 @@ def resolve_guidance(array: Optional[np.ndarray], rows: int, default: float, max
     return scales.astype(np.float32)
 
 
+def resolve_deadlines(array: Optional[np.ndarray], rows: int, maximum_ms: int, now_ns: int) -> np.ndarray:
+    """TIMEOUT_MS per row (1..maximum_ms) as an absolute Unix deadline in ns; 0 where absent."""
+    timeouts = _column(array, "TIMEOUT_MS", rows, "iu")
+    if timeouts is None:
+        return np.zeros(rows, dtype=np.int64)
+    for t in timeouts:
+        if not 1 <= int(t) <= maximum_ms:
+            raise InvalidInput("TIMEOUT_MS", f"{int(t)} is out of range 1..{maximum_ms}")
+    return now_ns + timeouts.astype(np.int64) * 1_000_000
+
+
 def resolve_tenants(array: Optional[np.ndarray], rows: int) -> List[str]:
     """TENANT per row ("" = the shared namespace): 1-64 of letters, digits, ``_.-``."""
     tenants = decode_texts(array, "TENANT", rows, required=False, max_bytes=64)

@@ -9,9 +9,11 @@ resuming from a cached step K simply has fewer ticks to go.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from nirvana.schedulers import capture_history, make_scheduler, restore_history
@@ -34,6 +36,8 @@ class DenoiseJob:
         save_steps: Steps after which the latents are returned as checkpoints.
         history: Multistep solver history saved with the starting state [H, C, H, W]
             (see :func:`nirvana.schedulers.capture_history`); None for stateless schedulers.
+        digest: Identifies the job's inputs (see :func:`job_digest`): jobs with the same digest
+            compute the same result, so a step engine may run them once. None: never shared.
     """
 
     latents: torch.Tensor
@@ -44,6 +48,7 @@ class DenoiseJob:
     guidance_scale: float
     save_steps: Tuple[int, ...] = ()
     history: Optional[torch.Tensor] = None
+    digest: Optional[str] = None
 
 
 @dataclass
@@ -61,6 +66,24 @@ class DenoiseResult:
     checkpoints: Dict[int, torch.Tensor] = field(default_factory=dict)
     histories: Dict[int, torch.Tensor] = field(default_factory=dict)
     steps_run: int = 0
+
+
+def job_digest(*parts) -> str:
+    """A digest of a job's inputs (arrays, numbers, tuples), for coalescing identical jobs.
+
+    Two jobs with equal digests have byte-identical inputs, so the loop would compute the same
+    result for both: the step engine runs them once.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            array = np.ascontiguousarray(part)
+            h.update(f"{array.dtype}{array.shape}".encode())
+            h.update(array.tobytes())
+        else:
+            h.update(repr(part).encode())
+        h.update(b"|")
+    return h.hexdigest()
 
 
 class _Active:
@@ -164,82 +187,3 @@ class StepRangeLoop:
             if a.step in a.job.save_steps:
                 a.result.checkpoints[a.step] = a.latents[0].clone()
                 a.result.histories[a.step] = capture_history(a.scheduler_name, a.scheduler, a.latents).clone()
-
-
-class ContinuousBatcher:
-    """Iteration-level batching: jobs join the running loop at the next tick instead of waiting.
-
-    For a decoupled Triton model serving the loop on its own (streaming gRPC). The txt2img
-    ensemble does not use it: in Triton 2.51 an ensemble with a decoupled step becomes
-    decoupled itself, which rules out HTTP and unary gRPC clients.
-
-    A background thread ticks :class:`StepRangeLoop` over every active job; :meth:`submit`
-    adds a group of jobs (one Triton request) whenever it arrives, and ``on_done`` is called
-    with that group's results as soon as its last job finishes, while others keep running.
-
-    Args:
-        loop: The step loop to drive.
-        max_active: Most jobs in one tick (the UNet batch is up to twice that with guidance).
-    """
-
-    def __init__(self, loop: StepRangeLoop, max_active: int = 8):
-        import threading
-
-        self.loop = loop
-        self.max_active = max_active
-        self._pending: List[Tuple[List[DenoiseJob], Callable, Callable]] = []
-        self._cv = threading.Condition()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="unet-loop", daemon=True)
-        self._thread.start()
-
-    def submit(self, jobs: Sequence[DenoiseJob], on_done: Callable[[List[DenoiseResult]], None],
-               on_error: Callable[[BaseException], None]) -> None:
-        with self._cv:
-            if self._stopped:
-                raise RuntimeError("the UNet loop is stopped")
-            self._pending.append((list(jobs), on_done, on_error))
-            self._cv.notify()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        with self._cv:
-            self._stopped = True
-            self._cv.notify()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        groups: List[Tuple[List["_Active"], Callable, Callable]] = []
-        while True:
-            with self._cv:
-                while not self._pending and not groups and not self._stopped:
-                    self._cv.wait()
-                if self._stopped and not groups and not self._pending:
-                    return
-                active_count = sum(len(g[0]) for g in groups)
-                while self._pending and (active_count == 0 or
-                                         active_count + len(self._pending[0][0]) <= self.max_active):
-                    jobs, on_done, on_error = self._pending.pop(0)
-                    try:
-                        groups.append(([self.loop.start(j) for j in jobs], on_done, on_error))
-                        active_count += len(jobs)
-                    except Exception as exc:  # noqa: BLE001 - that request fails, the loop goes on
-                        on_error(exc)
-            running = [a for actives, _, _ in groups for a in actives if not a.done]
-            if running:
-                try:
-                    self.loop.tick(running)
-                except Exception as exc:  # noqa: BLE001 - every job in this tick fails
-                    for _, _, on_error in groups:
-                        on_error(exc)
-                    groups = []
-                    continue
-            still = []
-            for actives, on_done, on_error in groups:
-                if all(a.done for a in actives):
-                    try:
-                        on_done([self.loop.finish(a) for a in actives])
-                    except Exception as exc:  # noqa: BLE001
-                        on_error(exc)
-                else:
-                    still.append((actives, on_done, on_error))
-            groups = still
