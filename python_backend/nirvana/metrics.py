@@ -100,16 +100,20 @@ class StepEngineMetrics:
         family = pb_utils.MetricFamily
         labels = {"model": model}
         self._counters = {}
+        # Triton invalidates a Metric once its MetricFamily is garbage-collected: keep the families.
+        self._families = []
         for field_name, (name, text) in self.COUNTERS.items():
-            self._counters[field_name] = family(name=name, description=text, kind=family.COUNTER).Metric(labels=labels)
+            self._families.append(family(name=name, description=text, kind=family.COUNTER))
+            self._counters[field_name] = self._families[-1].Metric(labels=labels)
         requests = family(name="nirvana_unet_requests_total", description="Requests held by the step engine by "
                           "outcome (immediate = answered without a tick, e.g. exact hits)", kind=family.COUNTER)
         for outcome in self.OUTCOMES:
             self._counters[outcome] = requests.Metric(labels={**labels, "outcome": outcome})
-        self._counters["coalesced_rows"] = family(
-            name="nirvana_unet_coalesced_rows_total", description="Rows computed once for identical requests in "
-            "flight (answered with the first one's result)", kind=family.COUNTER).Metric(labels=labels)
+        coalesced = family(name="nirvana_unet_coalesced_rows_total", description="Rows computed once for identical "
+                           "requests in flight (answered with the first one's result)", kind=family.COUNTER)
+        self._counters["coalesced_rows"] = coalesced.Metric(labels=labels)
         rows = family(name="nirvana_unet_rows", description="Rows in the step engine by state", kind=family.GAUGE)
+        self._families += [requests, coalesced, rows]
         self._gauges = {"active_rows": rows.Metric(labels={**labels, "state": "active"}),
                         "pending_rows": rows.Metric(labels={**labels, "state": "pending"})}
         self._published = {}

@@ -295,7 +295,8 @@ class UNetLoopStep:
     REQUIRED = INPUTS[:-1]
 
     def __init__(self, directory: Path, config: UNetLoopConfig,
-                 on_engine_tick: Optional[Callable[[StepEngine], None]] = None):
+                 on_engine_tick: Optional[Callable[[StepEngine], None]] = None,
+                 log_error: Optional[Callable[[str], None]] = None):
         self.spec = PipelineSpec.load(directory)
         self.config = config
         self.unet = OnnxModel(Path(directory) / "unet.onnx", config.execution_provider, config.intra_op_threads)
@@ -303,7 +304,7 @@ class UNetLoopStep:
         self.engine: Optional[StepEngine] = None
         if config.batching == "step":
             self.engine = StepEngine(self.loop, config.max_active_rows, config.max_pending_rows,
-                                     config.cancel_check_ticks, config.stuck_tick_s, on_engine_tick)
+                                     config.cancel_check_ticks, config.stuck_tick_s, on_engine_tick, log_error)
 
     def _predict_noise(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         # Jobs live on the UNet's device (see jobs_for), so with IOBinding nothing is copied per step.

@@ -136,19 +136,24 @@ class StepEngine:
         max_pending_rows: Most rows waiting to join; past it, :meth:`submit` raises Overloaded.
         cancel_check_ticks: Poll tickets' ``is_cancelled`` every this many ticks.
         stuck_tick_s: Fail every held ticket when a tick runs longer than this (0: never).
-        on_idle_or_tick: Called from the loop thread after every tick and when it goes idle
-            (e.g. to publish metrics); its exceptions are ignored.
+        on_idle_or_tick: Called from the loop thread after every tick (at most every 0.25 s) and
+            when it goes idle, e.g. to publish metrics. Its failures never stop the loop; the
+            first one goes to ``log_error``.
+        log_error: Where to report a failing ``on_idle_or_tick`` (e.g. Triton's logger).
     """
 
     def __init__(self, loop: StepRangeLoop, max_active_rows: int = 8, max_pending_rows: int = 64,
                  cancel_check_ticks: int = 4, stuck_tick_s: float = 120.0,
-                 on_idle_or_tick: Optional[Callable[["StepEngine"], None]] = None):
+                 on_idle_or_tick: Optional[Callable[["StepEngine"], None]] = None,
+                 log_error: Optional[Callable[[str], None]] = None):
         self.loop = loop
         self.max_active_rows = max_active_rows
         self.max_pending_rows = max_pending_rows
         self.cancel_check_ticks = max(1, cancel_check_ticks)
         self.stuck_tick_s = stuck_tick_s
         self.on_idle_or_tick = on_idle_or_tick
+        self.log_error = log_error
+        self.hook_failures = 0
         self.stats = EngineStats()
         self._cv = threading.Condition()
         self._pending: Deque[_Computation] = collections.deque()
@@ -364,8 +369,10 @@ class StepEngine:
         self._hooked_at = now
         try:
             self.on_idle_or_tick(self)
-        except Exception:  # noqa: BLE001 - metrics must never stop the loop
-            pass
+        except Exception as exc:  # noqa: BLE001 - metrics must never stop the loop
+            self.hook_failures += 1
+            if self.hook_failures == 1 and self.log_error is not None:
+                self.log_error(f"unet_loop step engine: publishing metrics failed (reported once): {exc!r}")
 
     # -- health and shutdown ---------------------------------------------------------------------
 

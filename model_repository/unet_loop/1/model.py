@@ -18,7 +18,8 @@ class TritonPythonModel:
         config = parse_parameters(UNetLoopConfig, backend.model_config(args))
         metrics = StepEngineMetrics(pb_utils) if config.batching == "step" else None
         self.step = UNetLoopStep(backend.version_dir(args), config,
-                                 on_engine_tick=metrics.publish if metrics else None)
+                                 on_engine_tick=metrics.publish if metrics else None,
+                                 log_error=pb_utils.Logger.log_error)
 
     def execute(self, requests):
         if self.step.engine is None:
