@@ -38,6 +38,8 @@ class CacheMetrics:
             "entries": make("nirvana_cache_entries", "Cached prompts (index entries)", family.GAUGE),
             "lookup_seconds": make("nirvana_cache_lookup_seconds_total", "Time spent in cache lookups",
                                    family.COUNTER),
+            "coalesced": make("nirvana_cache_coalesced_total", "Requests answered with an identical in-flight "
+                              "request's result (not admitted again)", family.COUNTER),
         }
         self._metrics: Dict[Tuple[str, Tuple], object] = {}
         self._published: Dict[Tuple[str, Tuple], float] = {}
@@ -69,6 +71,7 @@ class CacheMetrics:
         self._count("steps", counters.get("steps_run", 0), kind="run")
         self._count("steps", counters.get("steps_saved", 0), kind="saved")
         self._count("lookup_seconds", counters.get("lookup_seconds", 0.0))
+        self._count("coalesced", counters.get("coalesced", 0))
         cache = step.cache
         self._count("admitted", cache.counters["admitted_states"])
         self._count("flushed", cache.counters["flushed_states"])
