@@ -30,10 +30,30 @@ def _processes(fragment: str):
     return found
 
 
+def _children(pids):
+    """Processes whose parent is one of ``pids`` (a server's Python-backend stubs)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent in pids:
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_serve_stops_cleanly(repository, signum):
     http = free_port()
-    stubs_before = set(_processes("triton_python_backend_stub"))
     serve = Path(sys.executable).parent / "nirvana-serve"
     proc = subprocess.Popen([str(serve), "--model-repository", str(repository), "--http-port", str(http),
                              "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
@@ -46,12 +66,15 @@ def test_serve_stops_cleanly(repository, signum):
                     break
             except OSError:
                 time.sleep(1)
-        assert _processes(f"--http-port={http}"), "server did not start"
+        servers = _processes(f"--http-port={http}")
+        assert servers, "server did not start"
+        stubs = _children(servers)  # this server's own stubs, not those of other servers on the machine
+        assert stubs
         proc.send_signal(signum)
         assert proc.wait(timeout=60) == 128 + signum
         time.sleep(1)
         assert not _processes(f"--http-port={http}")
-        assert set(_processes("triton_python_backend_stub")) <= stubs_before
+        assert not [pid for pid in stubs if _alive(pid)]
     finally:
         if proc.poll() is None:
             proc.kill()
