@@ -48,3 +48,15 @@ def test_defaults_and_ranges():
         rq.resolve_seeds(np.array([[-5]], np.int64), 1)
     with pytest.raises(rq.InvalidInput, match="SEED: has dtype float32"):
         rq.resolve_seeds(np.array([[1.5]], np.float32), 1)
+
+
+def test_timeouts_become_absolute_deadlines():
+    now = 1_000_000_000_000
+    assert rq.resolve_deadlines(None, 2, 3_600_000, now).tolist() == [0, 0]  # absent: no deadline
+    assert rq.resolve_deadlines(np.array([[250], [1]], np.int32), 2, 3_600_000, now).tolist() == \
+        [now + 250_000_000, now + 1_000_000]
+    for bad in (0, -3, 3_600_001):
+        with pytest.raises(rq.InvalidInput, match=f"TIMEOUT_MS: {bad} is out of range 1..3600000"):
+            rq.resolve_deadlines(np.array([[bad]], np.int32), 1, 3_600_000, now)
+    with pytest.raises(rq.InvalidInput, match="TIMEOUT_MS: expected shape"):
+        rq.resolve_deadlines(np.array([[1, 2]], np.int32), 1, 3_600_000, now)
