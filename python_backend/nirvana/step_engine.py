@@ -158,6 +158,7 @@ class StepEngine:
         self._cv = threading.Condition()
         self._pending: Deque[_Computation] = collections.deque()
         self._active: List[_Computation] = []
+        self._joining = 0  # rows taken from the queue whose schedulers are being set up
         self._in_flight: Dict[str, _Computation] = {}  # digest -> computation (pending or active)
         self._tickets: Dict[int, Ticket] = {}
         self._stopped = False
@@ -184,7 +185,7 @@ class StepEngine:
             new_rows = [job for job in ticket.jobs if job.start_step < job.steps and
                         (job.digest is None or job.digest not in self._in_flight)]
             unique = len({id(j) if j.digest is None else j.digest for j in new_rows})
-            in_flight = len(self._active) + len(self._pending)
+            in_flight = len(self._active) + len(self._pending) + self._joining
             if unique and in_flight + unique > self.max_active_rows + self.max_pending_rows:
                 self.stats.rejected += 1
                 raise Overloaded(
@@ -288,13 +289,17 @@ class StepEngine:
                 joining = []
                 while self._pending and len(self._active) + len(joining) < self.max_active_rows:
                     joining.append(self._pending.popleft())
+                self._joining = len(joining)
             for computation in joining:  # scheduler set-up outside the lock
                 try:
                     computation.active = self.loop.start(computation.job)
                 except Exception as exc:  # noqa: BLE001 - that row's tickets fail, the loop goes on
+                    with self._cv:
+                        self._joining -= 1
                     self._fail_computation(computation, exc)
                     continue
                 with self._cv:
+                    self._joining -= 1
                     computation.subscribers = [(t, r) for t, r in computation.subscribers if not t.answered]
                     if computation.subscribers:
                         self._active.append(computation)
