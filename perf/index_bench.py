@@ -3,10 +3,12 @@
 Builds exact (flat), HNSW and IVF indexes over N clustered unit vectors of the
 text encoder's width (prompt embeddings cluster by topic) and queries them with
 perturbed copies of stored vectors, like near-duplicate prompts. Prints p50/p99
-single-query latency and recall@1 against exact search.
+single-query latency and recall@1 against exact search. faiss runs with ``--threads``
+OpenMP threads (default 1, as the latent_cache model does: ``index_threads``).
 
 Example:
     nirvana-index-bench --sizes 100000,1000000 --dim 384
+    nirvana-index-bench --sizes 4000,16000,32000,64000 --threads 1   # where "auto" switches to IVF
 """
 
 from __future__ import annotations
@@ -49,10 +51,14 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--dim", type=int, default=384, help="embedding width (all-MiniLM-L6-v2: 384)")
     parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="faiss OpenMP threads (0: faiss's default, one per core)")
     parser.add_argument("--output", type=Path, default=Path("perf/results/index_bench.json"))
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     rows = []
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, dim {args.dim}")
     print(f"{'entries':>9} {'index':<22} {'build s':>8} {'p50 ms':>7} {'p99 ms':>7} {'recall@1':>8}")
     for n in (int(s) for s in args.sizes.split(",")):

@@ -159,9 +159,11 @@ class CacheConfig:
     snapshot_path: str = ""
     snapshot_interval_s: float = 60.0
     # Benchmark only: fill the cache at load with this many synthetic entries (random clustered
-    # embeddings, one 2-byte state each, never served) to measure its cost at a size
+    # embeddings, one 2-byte state each, searched but never served) in the namespace of tenant ""
+    # at synthetic_steps STEPS (0: base_steps), to measure the cache's cost at a size
     # (LatentCache.fill_synthetic, perf/cache_cost.py). 0 in any real deployment.
     synthetic_entries: int = 0
+    synthetic_steps: int = 0
 
     def with_model_thresholds(self, spec: "PipelineSpec") -> "CacheConfig":
         """This config, with the model's thresholds where none are configured."""
@@ -184,8 +186,8 @@ class CacheConfig:
             raise ConfigError(f"index must be auto, flat, ivf or hnsw, not {self.index!r}")
         if self.index_threads < 0:
             raise ConfigError("index_threads must be >= 0 (0: faiss's default, one per core)")
-        if self.synthetic_entries < 0:
-            raise ConfigError("synthetic_entries must be >= 0")
+        if self.synthetic_entries < 0 or self.synthetic_steps < 0:
+            raise ConfigError("synthetic_entries and synthetic_steps must be >= 0")
         if self.synthetic_entries and self.snapshot_path:
             raise ConfigError("synthetic_entries (benchmark-only) cannot be combined with snapshot_path")
         if self.store_dtype not in ("float16", "float32", "bfloat16"):

@@ -17,9 +17,11 @@ operations = st.lists(st.tuples(st.sampled_from(["add", "remove", "search"]), st
 
 
 @settings(max_examples=60, deadline=None)
-@given(ops=operations, kind=st.sampled_from(["flat", "ivf", "hnsw"]))
+@given(ops=operations, kind=st.sampled_from(["flat", "ivf", "hnsw", "auto", "auto@16"]))
 def test_index_returns_only_live_entries_of_the_namespace(ops, kind):
-    index = EmbeddingIndex(DIM, kind=kind, use_gpu=False)
+    # auto@16: the auto kind switching to IVF at 16 vectors, so shards train, retrain and shrink back.
+    index = EmbeddingIndex(DIM, kind=kind.split("@")[0], use_gpu=False,
+                           ivf_min=int(kind.split("@")[1]) if "@" in kind else None)
     live = {}  # id -> (namespace, vector)
     next_id = 0
     for op, namespace, seed in ops:
@@ -36,8 +38,8 @@ def test_index_returns_only_live_entries_of_the_namespace(ops, kind):
             hits = index.search(namespace, vector, k=3)
             expected = {i for i, (ns, _) in live.items() if ns == namespace}
             assert {i for i, _ in hits} <= expected
-            assert len(hits) == min(3, len(expected)) or kind == "hnsw"
-            if kind in ("flat", "ivf") and expected:  # ivf is exact below IVF_MIN
+            assert len(hits) == min(3, len(expected)) or kind in ("hnsw", "auto@16")
+            if kind in ("flat", "ivf", "auto") and expected:  # ivf and auto are exact below their threshold
                 best = max(float(v @ vector) for i, (ns, v) in live.items() if ns == namespace)
                 assert abs(hits[0][1] - best) < 1e-5
     assert len(index) == len(live)

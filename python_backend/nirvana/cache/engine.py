@@ -9,8 +9,10 @@ leaves the index once it has no state left.
 from __future__ import annotations
 
 import collections
+import gc
 import hashlib
 import itertools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Hashable, List, Mapping, Optional, Tuple
@@ -29,7 +31,7 @@ DISABLED = "disabled"  # the request bypassed the cache (CACHE=false)
 FINAL = -1  # step key of an entry's final latents
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a cache holds up to millions of these
 class CacheKey:
     """What identifies a request's output exactly (the exact-hit key) and its namespace."""
 
@@ -64,12 +66,13 @@ class LookupResult:
     save_steps: Tuple[int, ...] = ()
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     entry_id: int
     key: CacheKey
     embedding: np.ndarray
     steps: set = field(default_factory=set)  # cached steps, FINAL included
+    synthetic: bool = False  # benchmark filler (fill_synthetic): searched, never served
 
 
 class LatentCache:
@@ -83,7 +86,8 @@ class LatentCache:
 
     def __init__(self, config: CacheConfig, embedding_dim: int, device: Optional[torch.device] = None):
         self.config = config
-        self.index = EmbeddingIndex(embedding_dim, kind=config.index, use_gpu=config.use_gpu)
+        self.index = EmbeddingIndex(embedding_dim, kind=config.index, use_gpu=config.use_gpu,
+                                    threads=config.index_threads)
         tiers = []
         if config.device_bytes and device is not None and torch.device(device).type == "cuda":
             tiers.append(MemoryTier(config.device_bytes, device))
@@ -103,6 +107,10 @@ class LatentCache:
                                          "admitted_states": 0, "evicted_states": 0, "flushed_states": 0}
         # The same lookup counters per tenant, for the admin surface's per-tenant stats.
         self.tenant_counters: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.synthetic_entries = 0
+        self.fill_report: Dict[str, object] = {}
+        if config.synthetic_entries:  # benchmark only (perf/cache_cost.py)
+            self.fill_synthetic(config.synthetic_entries, steps=config.synthetic_steps or None)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -131,11 +139,13 @@ class LatentCache:
                     return LookupResult(EXACT, key.steps, 1.0, state, key.prompt, ())
         best = 0.0
         for entry_id, similarity in self.index.search(key.namespace, embedding, k=4):
+            entry = self._entries[entry_id]
+            if entry.synthetic:
+                continue  # benchmark filler: costs a search like a real entry, never matches
             best = max(best, similarity)
             wanted = start_step_for(similarity, self.config.thresholds, self.config.base_steps, key.steps)
             if wanted == 0:
                 break  # results are sorted: later ones are less similar
-            entry = self._entries[entry_id]
             for step in sorted((s for s in entry.steps if 0 < s <= wanted), reverse=True):
                 state = self._use(entry_id, step)
                 if state is not None:
@@ -225,7 +235,10 @@ class LatentCache:
         if not entry.steps:
             self.index.remove(entry_id)
             del self._entries[entry_id]
-            self._by_digest.pop(entry.key.digest(), None)
+            if entry.synthetic:
+                self.synthetic_entries -= 1
+            elif self._by_digest.get(entry.key.digest()) == entry_id:
+                del self._by_digest[entry.key.digest()]
 
     def flush(self, tenant: Optional[str] = None) -> int:
         """Drop every entry of ``tenant`` (all tenants when None), from the index and every tier.
@@ -292,8 +305,87 @@ class LatentCache:
     # -- introspection --------------------------------------------------------------------------
 
     def stats(self) -> Dict[str, object]:
-        return {"entries": len(self._entries), "states": len(self.store), "tiers": self.store.usage(),
-                **self.counters}
+        """Entries, states, tiers and counters; ``index``: how it searches (kind, threads, each IVF
+        shard's measured recall@1 and nprobe, see :meth:`EmbeddingIndex.stats`)."""
+        stats = {"entries": len(self._entries), "states": len(self.store), "tiers": self.store.usage(),
+                 **self.counters, "index": self.index.stats()}
+        if self.synthetic_entries or self.fill_report:
+            stats["synthetic_entries"] = self.synthetic_entries
+            stats["synthetic_fill"] = self.fill_report
+        return stats
+
+    # -- benchmarking ---------------------------------------------------------------------------
+
+    def fill_synthetic(self, n: int, steps: Optional[int] = None, tenant: str = "", seed: int = 0,
+                       clusters: Optional[int] = None, chunk: int = 100_000) -> Dict[str, object]:
+        """Benchmark only: add ``n`` synthetic entries to the namespace (``tenant``, ``steps``).
+
+        Measures the cache's cost at a size without generating ``n`` images: the embeddings are
+        random unit vectors around ``clusters`` random centers (prompt embeddings cluster by
+        topic; the layout of ``nirvana-index-bench``), each entry holds one 2-byte state at the
+        first cache step, and the index gets them in one bulk add (at most one IVF training).
+
+        Synthetic entries are searched like real ones (the namespace real requests of ``steps``
+        steps use, so their lookups pay for them) but never served: a lookup skips them (and they
+        have no exact-hit key), so a real request cannot resume from a 2-byte state. They are
+        evicted like any state with no use (first, under LCBFU) and dropped by ``flush``. Do not
+        combine with snapshots: a snapshot would persist them.
+
+        Args:
+            steps: The STEPS of the requests that should search them (default ``base_steps``).
+            clusters: Topic centers (default n/1000, at least 100).
+
+        Returns:
+            entries added, seconds taken (total; index part and its IVF training if any).
+        """
+        began = time.perf_counter()
+        n = int(n)
+        if n <= 0:
+            return {"requested": n, "entries": 0, "seconds": 0.0}
+        steps = int(steps or self.config.base_steps)
+        step = self.save_steps(steps)[0]
+        dim = self.index.dim
+        rng = np.random.default_rng(seed)
+        centers = rng.standard_normal((clusters or max(100, n // 1000), dim)).astype(np.float32)
+        vectors = np.empty((n, dim), dtype=np.float32)
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            vectors[start:stop] = centers[rng.integers(0, len(centers), stop - start)] + \
+                0.6 * rng.standard_normal((stop - start, dim)).astype(np.float32)
+            vectors[start:stop] /= np.linalg.norm(vectors[start:stop], axis=1, keepdims=True)
+        state = torch.zeros(1, dtype=self.store.dtype)
+        ids: List[int] = []
+        first = None
+        for i in range(n):
+            entry_id = next(self._ids)
+            first = entry_id if first is None else first
+            now = next(self._clock)
+            key = CacheKey(f"\x00synthetic {seed}:{i}", "", i, steps, 0.0, tenant=tenant, model_id="synthetic")
+            self._entries[entry_id] = _Entry(entry_id, key, vectors[i], {step}, synthetic=True)
+            stats = self._stats[(entry_id, step)] = StateStats(step, inserted=now, last_used=now,
+                                                              floor=self.store.inflation)
+            for victim in self.store.put((entry_id, step), state, self._score(stats)):
+                self.counters["evicted_states"] += 1
+                if victim[0] < first:  # a real entry's state; this fill's own are sorted out below
+                    self._forget_state(*victim)
+            ids.append(entry_id)
+        indexed = time.perf_counter()
+        kept = [e for e in ids if (e, step) in self.store]
+        keep_rows = np.fromiter((e - first for e in kept), dtype=np.int64, count=len(kept))
+        for entry_id in set(ids) - set(kept):  # pushed out of a full store before being indexed
+            self._stats.pop((entry_id, step), None)
+            del self._entries[entry_id]
+        # (tenant, steps) is CacheKey.namespace: the shard real requests of ``steps`` steps search.
+        self.index.add_many((tenant, steps), kept, vectors if len(kept) == n else vectors[keep_rows])
+        self.synthetic_entries += len(kept)
+        # One full collection now: the fill leaves millions of young objects, and the first requests
+        # would otherwise pay the full pass it is due (2 s at 1M entries) inside a lookup.
+        gc.collect()
+        done = time.perf_counter()
+        self.fill_report = {"requested": n, "entries": len(kept), "steps": steps, "tenant": tenant, "state_step": step,
+                            "seconds": done - began, "index_seconds": done - indexed,
+                            "search": self.index.shard_stats((tenant, steps))}
+        return self.fill_report
 
     def tenants(self) -> List[str]:
         """Tenants with cached entries or lookups since their last flush."""

@@ -8,27 +8,57 @@ filter out, and a shard is rebuilt from its live vectors once tombstones reach
 a quarter of it. One code path serves CPU and GPU.
 
 Kinds:
-    flat: exact search (default); on the GPU when faiss has one.
-    ivf: approximate search for large caches: exact (flat) until a shard holds
-        ``IVF_MIN`` vectors, then IVF-Flat with 4*sqrt(n) lists, probing 16,
-        retrained whenever the shard has doubled or is rebuilt. On the GPU when faiss has one.
+    auto (default): exact (flat) search while a shard holds fewer than
+        ``AUTO_IVF_MIN`` vectors, IVF-Flat above, with the recall check below.
+    flat: exact search always; on the GPU when faiss has one.
+    ivf: like auto but switching at ``IVF_MIN`` (kept for configs that name it).
     hnsw: approximate search (HNSW, M=32), CPU.
 
-Measured with ``nirvana-index-bench`` (384-d, 2 CPU cores): at 1M entries IVF kept
-recall@1 at 1.000 (HNSW 0.902) at 0.35 ms p50 per lookup, against 116 ms for exact
-search; at 100k both approximate kinds answer in about 0.1 ms.
+IVF shards have 4*sqrt(n) lists and are retrained whenever the shard has doubled
+since the last training or is rebuilt (a shard that shrinks below the threshold
+goes back to exact search). On every (re)training a **recall check** runs:
+``RECALL_SAMPLE`` stored vectors, slightly perturbed (like near-duplicate
+prompts), are searched with the IVF and exactly; nprobe starts at
+``IVF_NPROBE`` and doubles (up to ``IVF_MAX_NPROBE``) until recall@1 reaches
+``RECALL_TARGET``. The measured recall and nprobe are in :meth:`EmbeddingIndex.stats`.
+
+Why ``AUTO_IVF_MIN`` = 32,768 (``nirvana-index-bench --threads 1``, 384-d
+clustered vectors, one core of the 2-core development machine):
+
+- Exact search costs about 0.04 µs per stored vector per lookup on an idle core
+  (p50 0.08 ms at 4k, 0.6 ms at 16k, 1.5-1.8 ms at 32k, 3.6-5.9 ms at 64k) and 3-4x more
+  on a busy machine (2.4 ms at 17k, seen replaying a real log). Below 32k it stays
+  under ~1.5 ms idle / ~5 ms busy: under 0.5% of a miss (0.9-2 s), with recall 1.
+- IVF answers in 0.02-0.1 ms at 16k-64k but must be trained, synchronously, on
+  every doubling: 0.5 s at 16k, 1.9 s at 32k, 5.3 s at 64k (about 80-150 µs per
+  vector: 8.5 s at 100k, 150-185 s at 1M); below 32k that stall buys little.
+- With 4*sqrt(n) lists, k-means gets sqrt(n)/4 training points per list; faiss
+  asks for at least 39, i.e. n >= 24.3k. At 32k there are 45.
+- At 100k (1M) entries exact search costs 5.4 (116) ms p50 against 0.11 (0.35)
+  ms for IVF at recall@1 1.000 (README, "Measured figures").
+
+Threads: faiss's OpenMP pool is per process and defaults to one thread per core;
+every Python-backend process sizing its own pool makes them fight (one search
+over 17k vectors took 8 ms with 2 threads on a busy 2-core machine, 2.4 ms with 1).
+``threads`` (the latent_cache ``index_threads`` parameter, default 1) sets it.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Dict, Hashable, List, Optional, Tuple
 
 import faiss
 import numpy as np
 
-KINDS = ("flat", "ivf", "hnsw")
-IVF_MIN = 20_000
-IVF_NPROBE = 16
+KINDS = ("auto", "flat", "ivf", "hnsw")
+AUTO_IVF_MIN = 32_768  # "auto": exact below this many vectors per shard, IVF above (reasons above)
+IVF_MIN = 20_000  # "ivf": the same switch, at the size it always had
+IVF_NPROBE = 16  # first nprobe the recall check tries
+IVF_MAX_NPROBE = 256  # the recall check's cap
+RECALL_TARGET = 0.99  # recall@1 against exact search the recall check asks for
+RECALL_SAMPLE = 200  # stored vectors used as queries by the recall check
+RECALL_NOISE = 0.15  # relative perturbation of those queries (cosine ~0.99 to the stored vector)
 
 
 def normalize(vector: np.ndarray) -> np.ndarray:
@@ -44,34 +74,94 @@ def gpu_count() -> int:
     return int(get()) if get and hasattr(faiss, "StandardGpuResources") else 0
 
 
+def recall_check(index, vectors: np.ndarray, target: float = None, start_nprobe: int = None,
+                 max_nprobe: int = None, sample: int = None, seed: int = 0) -> Dict[str, float]:
+    """Set ``index.nprobe`` (a CPU IVF index holding ``vectors``) to the smallest doubling of
+    ``start_nprobe`` whose recall@1 against exact search reaches ``target``.
+
+    Queries are ``sample`` stored vectors perturbed by ``RECALL_NOISE``; a query counts as found
+    when the IVF's best similarity equals the exact best (ties between duplicates count).
+
+    Returns:
+        nprobe, recall_at_1 (at that nprobe), the recall at the first nprobe tried, and seconds taken.
+    """
+    target = RECALL_TARGET if target is None else target
+    nprobe = IVF_NPROBE if start_nprobe is None else start_nprobe
+    cap = min(IVF_MAX_NPROBE if max_nprobe is None else max_nprobe, index.nlist)
+    began = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(vectors), size=min(len(vectors), RECALL_SAMPLE if sample is None else sample),
+                       replace=False)
+    dim = vectors.shape[1]
+    queries = normalize(vectors[picks] + RECALL_NOISE * rng.standard_normal((len(picks), dim)).astype(np.float32)
+                        / np.sqrt(dim))
+    exact, _ = faiss.knn(queries, vectors, 1, faiss.METRIC_INNER_PRODUCT)
+    nprobe = max(1, min(nprobe, cap))
+    first = None
+    while True:
+        index.nprobe = nprobe
+        sims, _ = index.search(queries, 1)
+        recall = float(np.mean(sims[:, 0] >= exact[:, 0] - 1e-5))
+        first = recall if first is None else first
+        if recall >= target or nprobe >= cap:
+            break
+        nprobe = min(cap, 2 * nprobe)
+    return {"nprobe": nprobe, "recall_at_1": recall, "first_recall_at_1": first,
+            "recall_check_s": time.perf_counter() - began}
+
+
+def ivf_threshold(kind: str, ivf_min: Optional[int] = None) -> Optional[int]:
+    """Shard size at which ``kind`` switches to IVF (None: never); read at call time (tests change it)."""
+    if kind not in ("auto", "ivf"):
+        return None
+    if ivf_min is not None:
+        return int(ivf_min)
+    return IVF_MIN if kind == "ivf" else AUTO_IVF_MIN
+
+
 class _Shard:
     """One namespace: faiss index over positions, with the vectors kept on the CPU."""
 
-    def __init__(self, dim: int, kind: str, gpu_resources, hnsw_m: int, ef_search: int):
+    def __init__(self, dim: int, kind: str, gpu_resources, hnsw_m: int, ef_search: int,
+                 ivf_min: Optional[int] = None, recall_target: Optional[float] = None):
         self.dim, self.kind = dim, kind
         self.gpu_resources = gpu_resources
         self.hnsw_m, self.ef_search = hnsw_m, ef_search
+        self._ivf_min, self.recall_target = ivf_min, recall_target
         self._buffer = np.zeros((16, dim), dtype=np.float32)  # grows by doubling
         self.ids: List[int] = []  # position -> entry id (-1 once removed)
         self.position: Dict[int, int] = {}
         self.dead = 0
         self.built_size = 0
-        self.index = self._new_index()
+        self.ivf: Optional[Dict[str, float]] = None  # the last training and recall check, while IVF
+        self.index = self._build(self.vectors)
 
-    def _new_index(self, train: np.ndarray = None):
-        if self.kind == "ivf" and train is not None and len(train) >= IVF_MIN:
-            nlist = int(4 * np.sqrt(len(train)))
+    @property
+    def ivf_min(self) -> Optional[int]:
+        return ivf_threshold(self.kind, self._ivf_min)
+
+    def _build(self, vectors: np.ndarray):
+        """A new faiss index holding ``vectors`` (IVF trained and recall-checked when due)."""
+        self.ivf = None
+        if self.ivf_min is not None and len(vectors) >= self.ivf_min:
+            began = time.perf_counter()
+            nlist = int(4 * np.sqrt(len(vectors)))
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.train(train[np.random.default_rng(0).permutation(len(train))[:64 * nlist]])
-            index.nprobe = IVF_NPROBE
-            if self.gpu_resources is not None:
-                index = faiss.index_cpu_to_gpu(self.gpu_resources, 0, index)
-            return index
-        if self.kind == "hnsw":
+            index.train(vectors[np.random.default_rng(0).permutation(len(vectors))[:64 * nlist]])
+            index.add(vectors)
+            trained = time.perf_counter() - began
+            self.ivf = {"size": len(vectors), "nlist": nlist, "train_s": trained,
+                        **recall_check(index, vectors, self.recall_target)}
+        elif self.kind == "hnsw":
             index = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efSearch = self.ef_search
+            if len(vectors):
+                index.add(vectors)
             return index
-        index = faiss.IndexFlatIP(self.dim)
+        else:
+            index = faiss.IndexFlatIP(self.dim)
+            if len(vectors):
+                index.add(vectors)
         if self.gpu_resources is not None:
             index = faiss.index_cpu_to_gpu(self.gpu_resources, 0, index)
         return index
@@ -84,16 +174,29 @@ class _Shard:
     def live(self) -> int:
         return len(self.position)
 
-    def add(self, entry_id: int, vector: np.ndarray) -> None:
-        pos = len(self.ids)
-        if pos == len(self._buffer):
-            self._buffer = np.concatenate([self._buffer, np.zeros_like(self._buffer)])
-        self._buffer[pos] = vector[0]
-        self.position[entry_id] = pos
-        self.ids.append(entry_id)
-        self.index.add(vector)
-        if self.kind == "ivf" and len(self.ids) >= max(IVF_MIN, 2 * self.built_size):
+    def add(self, entry_ids: List[int], vectors: np.ndarray) -> None:
+        """Add rows of ``vectors`` (normalized, 2-D) under ``entry_ids``."""
+        start, stop = len(self.ids), len(self.ids) + len(entry_ids)
+        if start == 0 and stop > len(self._buffer) and vectors.flags.c_contiguous:
+            self._buffer = vectors  # a bulk add into an empty shard: adopt the (normalized, owned) copy
+        elif stop > len(self._buffer):
+            grown = np.zeros((max(stop, 2 * len(self._buffer)), self.dim), dtype=np.float32)
+            grown[:start] = self._buffer[:start]
+            self._buffer = grown
+        if self._buffer is not vectors:
+            self._buffer[start:stop] = vectors
+        for pos, entry_id in enumerate(entry_ids, start):
+            self.position[entry_id] = pos
+        self.ids.extend(entry_ids)
+        if self.ivf_min is not None and self._ivf_due():
             self.rebuild()  # (re)train the coarse quantizer on what the shard holds now
+        else:
+            self.index.add(vectors)
+
+    def _ivf_due(self) -> bool:
+        if self.ivf is None:  # exact for now: switch once the shard reaches the threshold
+            return len(self.ids) >= self.ivf_min
+        return len(self.ids) >= 2 * self.built_size  # retrain on every doubling
 
     def remove(self, entry_id: int) -> None:
         pos = self.position.pop(entry_id)
@@ -111,9 +214,7 @@ class _Shard:
         self.position = {entry: pos for pos, entry in enumerate(self.ids)}
         self.dead = 0
         self.built_size = len(self.ids)
-        self.index = self._new_index(self.vectors)
-        if self.ids:
-            self.index.add(self.vectors)
+        self.index = self._build(self.vectors)
 
     def search(self, query: np.ndarray, k: int) -> List[Tuple[int, float]]:
         wanted = min(len(self.ids), k + self.dead)
@@ -126,23 +227,39 @@ class _Shard:
                     break
         return hits
 
+    def stats(self) -> Dict[str, object]:
+        out: Dict[str, object] = {"vectors": self.live, "search": "ivf" if self.ivf else
+                                  ("hnsw" if self.kind == "hnsw" else "flat")}
+        if self.ivf:
+            out.update(self.ivf)
+        return out
+
 
 class EmbeddingIndex:
     """Inner-product search per namespace, with add and remove by id.
 
     Args:
         dim: Embedding width.
-        kind: "flat" (exact), "ivf" or "hnsw" (approximate).
+        kind: "auto" (exact below ``ivf_min`` vectors per shard, recall-checked IVF above),
+            "flat" (exact), "ivf" or "hnsw" (approximate).
         use_gpu: Put flat and IVF shards on the GPU when faiss has one.
         hnsw_m: HNSW graph degree.
         ef_search: HNSW search breadth (recall vs latency).
+        threads: faiss OpenMP threads for this process (``faiss.omp_set_num_threads``); 0 leaves
+            faiss's default (one per core).
+        ivf_min: Shard size where "auto"/"ivf" switch to IVF (default ``AUTO_IVF_MIN`` / ``IVF_MIN``).
+        recall_target: recall@1 the recall check asks of a newly trained IVF (default ``RECALL_TARGET``).
     """
 
-    def __init__(self, dim: int, kind: str = "flat", use_gpu: bool = True, hnsw_m: int = 32, ef_search: int = 64):
+    def __init__(self, dim: int, kind: str = "auto", use_gpu: bool = True, hnsw_m: int = 32, ef_search: int = 64,
+                 threads: int = 0, ivf_min: Optional[int] = None, recall_target: Optional[float] = None):
         if kind not in KINDS:
             raise ValueError(f"index kind must be one of {KINDS}, not {kind!r}")
-        self.dim, self.kind = dim, kind
+        if threads:
+            faiss.omp_set_num_threads(int(threads))
+        self.dim, self.kind, self.threads = dim, kind, int(threads)
         self.hnsw_m, self.ef_search = hnsw_m, ef_search
+        self.ivf_min, self.recall_target = ivf_min, recall_target
         self.gpu_resources = faiss.StandardGpuResources() if use_gpu and kind != "hnsw" and gpu_count() else None
         self._shards: Dict[Hashable, _Shard] = {}
         self._namespace_of: Dict[int, Hashable] = {}
@@ -165,17 +282,27 @@ class EmbeddingIndex:
         return shard.vectors[shard.position[entry_id]]
 
     def add(self, namespace: Hashable, entry_id: int, embedding: np.ndarray) -> None:
-        if entry_id in self._namespace_of:
-            raise KeyError(f"entry {entry_id} is already indexed")
-        vector = normalize(embedding).reshape(1, -1)
-        if vector.shape[1] != self.dim:
-            raise ValueError(f"embedding has width {vector.shape[1]}, index expects {self.dim}")
+        self.add_many(namespace, [entry_id], np.asarray(embedding).reshape(1, -1))
+
+    def add_many(self, namespace: Hashable, entry_ids: List[int], embeddings: np.ndarray) -> None:
+        """Add many entries to one namespace at once (one faiss add, at most one IVF training)."""
+        entry_ids = [int(e) for e in entry_ids]
+        if any(e in self._namespace_of for e in entry_ids) or len(set(entry_ids)) != len(entry_ids):
+            raise KeyError("an entry is already indexed")
+        vectors = normalize(embeddings)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"embedding has width {vectors.shape[-1]}, index expects {self.dim}")
+        if len(vectors) != len(entry_ids):
+            raise ValueError(f"{len(entry_ids)} ids for {len(vectors)} embeddings")
+        if not entry_ids:
+            return
         shard = self._shards.get(namespace)
         if shard is None:
-            shard = self._shards[namespace] = _Shard(self.dim, self.kind, self.gpu_resources,
-                                                     self.hnsw_m, self.ef_search)
-        shard.add(entry_id, vector)
-        self._namespace_of[entry_id] = namespace
+            shard = self._shards[namespace] = _Shard(self.dim, self.kind, self.gpu_resources, self.hnsw_m,
+                                                     self.ef_search, self.ivf_min, self.recall_target)
+        shard.add(entry_ids, vectors)
+        for entry_id in entry_ids:
+            self._namespace_of[entry_id] = namespace
 
     def remove(self, entry_id: int) -> None:
         namespace = self._namespace_of.pop(entry_id)
@@ -190,3 +317,22 @@ class EmbeddingIndex:
         if shard is None or shard.live == 0:
             return []
         return shard.search(normalize(embedding).reshape(1, -1), k)
+
+    def shard_stats(self, namespace: Hashable) -> Optional[Dict[str, object]]:
+        """How one namespace is searched: vectors, "flat"/"ivf"/"hnsw", and for IVF its lists,
+        training time and the recall check's nprobe and recall@1; None without a shard."""
+        shard = self._shards.get(namespace)
+        return None if shard is None else shard.stats()
+
+    def stats(self) -> Dict[str, object]:
+        """Kind, threads, threshold, shard counts, and every IVF shard's last recall check."""
+        shards = list(self._shards.values())
+        ivf = [s for s in shards if s.ivf]
+        return {"kind": self.kind, "threads": self.threads or faiss.omp_get_max_threads(),
+                "ivf_min": ivf_threshold(self.kind, self.ivf_min),
+                "shards": len(shards), "ivf_shards": len(ivf),
+                "largest_shard": max((s.live for s in shards), default=0),
+                "min_recall_at_1": min((s.ivf["recall_at_1"] for s in ivf), default=None),
+                "max_nprobe": max((s.ivf["nprobe"] for s in ivf), default=None),
+                "ivf": [s.stats() for s in sorted(ivf, key=lambda s: -s.live)[:8]]}
+
