@@ -17,11 +17,12 @@ operations = st.lists(st.tuples(st.sampled_from(["add", "remove", "search"]), st
 
 
 @settings(max_examples=60, deadline=None)
-@given(ops=operations, kind=st.sampled_from(["flat", "ivf", "hnsw", "auto", "auto@16"]))
+@given(ops=operations, kind=st.sampled_from(["flat", "ivf", "hnsw", "auto", "auto@16", "auto@16/sync"]))
 def test_index_returns_only_live_entries_of_the_namespace(ops, kind):
-    # auto@16: the auto kind switching to IVF at 16 vectors, so shards train, retrain and shrink back.
-    index = EmbeddingIndex(DIM, kind=kind.split("@")[0], use_gpu=False,
-                           ivf_min=int(kind.split("@")[1]) if "@" in kind else None)
+    # auto@16: the auto kind switching to IVF at 16 vectors, so shards train, retrain and shrink back,
+    # in background builds swapped in whenever they are ready (or in the add: /sync).
+    index = EmbeddingIndex(DIM, kind=kind.split("@")[0], use_gpu=False, background_build="/sync" not in kind,
+                           ivf_min=int(kind.split("@")[1].split("/")[0]) if "@" in kind else None)
     live = {}  # id -> (namespace, vector)
     next_id = 0
     for op, namespace, seed in ops:
@@ -38,11 +39,17 @@ def test_index_returns_only_live_entries_of_the_namespace(ops, kind):
             hits = index.search(namespace, vector, k=3)
             expected = {i for i, (ns, _) in live.items() if ns == namespace}
             assert {i for i, _ in hits} <= expected
-            assert len(hits) == min(3, len(expected)) or kind in ("hnsw", "auto@16")
+            assert len(hits) == min(3, len(expected)) or kind in ("hnsw", "auto@16", "auto@16/sync")
             if kind in ("flat", "ivf", "auto") and expected:  # ivf and auto are exact below their threshold
                 best = max(float(v @ vector) for i, (ns, v) in live.items() if ns == namespace)
                 assert abs(hits[0][1] - best) < 1e-5
     assert len(index) == len(live)
+    assert index.finish_builds(timeout=30)
+    for namespace in range(3):  # once every build is in: each live vector is found, nothing else
+        expected = {i for i, (ns, _) in live.items() if ns == namespace}
+        found = {i for _, v in live.values() for i, _ in index.search(namespace, v, k=3)}
+        assert found <= expected
+    assert len(index) == len(live) and index.stats()["builds_running"] == 0
 
 
 @settings(max_examples=60, deadline=None)
@@ -110,9 +117,10 @@ def test_ivf_shard_trains_keeps_recall_and_survives_removals(monkeypatch):
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((20, DIM))
     vectors = normalize(centers[rng.integers(0, 20, 1200)] + 0.3 * rng.standard_normal((1200, DIM)))
-    index = EmbeddingIndex(DIM, kind="ivf", use_gpu=False)
+    index = EmbeddingIndex(DIM, kind="ivf", use_gpu=False)  # trains in the background
     for i, v in enumerate(vectors):
         index.add("ns", i, v)
+    assert index.finish_builds(timeout=60)
     assert isinstance(index._shards["ns"].index, index_module.faiss.IndexIVFFlat)
     for i in range(0, 1200, 3):
         index.remove(i)

@@ -30,3 +30,4 @@ class TritonPythonModel:
     def finalize(self):
         # A clean shutdown persists everything admitted since the last periodic snapshot.
         self.step.maybe_snapshot(force=True)
+        self.step.cache.close()
