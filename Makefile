@@ -17,7 +17,15 @@ EXPORTED := $(REPO)/.exported
 # make perf replays the per-user SD Discord trace when a checkout of the shared workloads sits
 # beside this one, else the committed DiffusionDB sample.
 PERF_LOG ?= $(firstword $(wildcard ../shared/workloads/sd_discord_dreambot_W1-dream-2.jsonl) perf/data/diffusiondb_sample.jsonl)
-PERF_LIMIT ?= 120
+# Warm-cache replay: warm-up prefix, measured window per level, levels (closed-loop concurrencies
+# and/or `open`), unet_loop batching modes side by side. Concurrency 8 alone: make perf PERF_LEVELS=8
+PERF_WARMUP ?= 300
+PERF_WINDOW ?= 300
+PERF_LEVELS ?= 1,4,8,open
+PERF_BATCHING ?= step,execute
+PERF_STEPS ?= 50
+PERF_SOAK_SECONDS ?= 60
+PERF_ARGS ?=
 
 .PHONY: help venv export serve demo test perf soak perf-deps clean
 help:
@@ -25,7 +33,7 @@ help:
 	@echo "make test    - install, export, run unit and integration tests (real tritonserver)"
 	@echo "make serve   - run tritonserver in the foreground (HTTP_PORT/GRPC_PORT/METRICS_PORT)"
 	@echo "make export  - export the embedded model into $(REPO)/ (and build/ for the NVIDIA container)"
-	@echo "make perf    - benchmarks; results under perf/results/"
+	@echo "make perf    - benchmarks; results under perf/results/ (PERF_LEVELS=8 for concurrency 8 alone)"
 	@echo "make soak    - the long soak alone (SOAK_SECONDS=600 at concurrency 8); perf/results/soak.md"
 
 venv: $(INSTALLED)
@@ -55,11 +63,12 @@ perf-deps: $(INSTALLED)
 	$(BIN)/python -c "import nvidia.cuda_runtime" 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[perf]'
 
 perf: $(EXPORTED) perf-deps
-	$(BIN)/python -m nirvana_perf.run_all --log $(PERF_LOG) --limit $(PERF_LIMIT)
+	$(BIN)/python -m nirvana_perf.run_all --log $(PERF_LOG) --warmup $(PERF_WARMUP) --window $(PERF_WINDOW) \
+		--levels $(PERF_LEVELS) --batching $(PERF_BATCHING) --steps $(PERF_STEPS) --soak-seconds $(PERF_SOAK_SECONDS) $(PERF_ARGS)
 
 SOAK_SECONDS ?= 600
 soak: $(EXPORTED) perf-deps
-	$(BIN)/python -m nirvana_perf.run_all --soak-only --soak-seconds $(SOAK_SECONDS) --log $(PERF_LOG)
+	$(BIN)/python -m nirvana_perf.run_all --soak-only --soak-seconds $(SOAK_SECONDS) --steps $(PERF_STEPS) --log $(PERF_LOG)
 
 clean:
 	rm -rf build demo_output perf/results $(EXPORTED)
