@@ -261,3 +261,10 @@ def test_a_request_with_more_rows_than_a_tick_holds_is_served(make_engine):
     engine.submit(ticket([job(seed=i, steps=6, save=()) for i in range(5)], answer))
     assert answer.wait().error is None and len(answer.results) == 5
     assert max(engine.unet.rows) <= 4  # 2 rows x (uncond + cond)
+
+
+def test_a_ticket_without_rows_is_answered_once(make_engine):
+    engine = make_engine()
+    answer = Answer()
+    engine.submit(ticket([], answer))
+    assert answer.event.is_set() and answer.results == [] and answer.error is None

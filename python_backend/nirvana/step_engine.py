@@ -180,6 +180,10 @@ class StepEngine:
             ValueError: A row's step range is invalid (from the loop's scheduler set-up).
         """
         immediate: List[int] = []
+        if not ticket.jobs:  # nothing at all to run: still exactly one answer
+            if ticket.claim():
+                ticket.on_done([], [])
+            return
         with self._cv:
             self._check_health()
             new_rows = [job for job in ticket.jobs if job.start_step < job.steps and
