@@ -27,10 +27,11 @@ PERF_STEPS ?= 50
 PERF_SOAK_SECONDS ?= 60
 PERF_ARGS ?=
 
-.PHONY: help venv export serve demo test perf soak perf-deps clean
+.PHONY: help venv export serve demo test test-unit perf soak perf-deps clean
 help:
 	@echo "make demo    - install, export the embedded model, serve it, run a few prompts, stop"
 	@echo "make test    - install, export, run unit and integration tests (real tritonserver)"
+	@echo "make test-unit - the unit tests alone (no tritonserver; the inner loop)"
 	@echo "make serve   - run tritonserver in the foreground (HTTP_PORT/GRPC_PORT/METRICS_PORT)"
 	@echo "make export  - export the embedded model into $(REPO)/ (and build/ for the NVIDIA container)"
 	@echo "make perf    - benchmarks; results under perf/results/ (PERF_LEVELS=8 for concurrency 8 alone)"
@@ -56,6 +57,9 @@ demo: $(EXPORTED)
 
 test: $(EXPORTED)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: $(EXPORTED)
+	$(BIN)/python -m pytest --ignore=tests/integration $(PYTEST_ARGS)
 
 # perf_analyzer (from tritonclient 2.51) needs Debian's libb64 and libcudart.so.12 (a pip wheel).
 perf-deps: $(INSTALLED)
