@@ -71,3 +71,24 @@ def test_iobinding_path_matches_plain_run(repository):
     bound = unet.run_bound({k: torch.from_numpy(v) for k, v in feeds.items()},
                            output_shapes={"noise_pred": plain.shape})["noise_pred"]
     np.testing.assert_array_equal(bound.numpy(), plain)
+
+
+def test_text_encoder_memo_answers_repeated_rows_with_the_same_outputs(repository):
+    import dataclasses
+
+    config = OnnxModelConfig(intra_op_threads=1)
+    path = repository / "text_encoder" / "1" / "model.onnx"
+    plain, memoized = OnnxStep(path, config), OnnxStep(path, dataclasses.replace(config, memo_rows=2))
+    tokenizer = TokenizerStep(repository / "tokenizer" / "1", RequestDefaults())
+
+    def tokens(*prompts):
+        out = tokenizer.execute([{"PROMPT": np.array([[p.encode()] for p in prompts], dtype=object),
+                                  "NEGATIVE_PROMPT": None, "SEED": None, "STEPS": None, "GUIDANCE_SCALE": None}])[0]
+        return [{"INPUT_IDS": out["INPUT_IDS"], "ATTENTION_MASK": out["ATTENTION_MASK"]}]
+
+    for batch in (tokens("a red fox", "a blue boat"), tokens("a blue boat", "a green tree"), tokens("a red fox")):
+        want, got = plain.execute(batch)[0], memoized.execute(batch)[0]
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+    # rows seen: fox, boat | boat (hit), tree | fox (evicted by the capacity of 2: recomputed)
+    assert (memoized.memo.hits, memoized.memo.misses) == (1, 4)

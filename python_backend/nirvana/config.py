@@ -246,14 +246,24 @@ class UNetLoopConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OnnxModelConfig:
-    """A Python-backend model that runs one ONNX graph (text_encoder, vae_decoder on the CPU path)."""
+    """A Python-backend model that runs one ONNX graph (text_encoder, vae_decoder on the CPU path).
+
+    Attributes:
+        memo_rows: Keep the outputs of this many most recently seen input rows and answer a
+            repeated row from them (0: off). For the text encoder: the negative prompt is the
+            same (usually empty) for most requests, and exact hits repeat their prompt, so half
+            or more of its rows repeat; each kept row costs its outputs' size (~120 KB at 77x384).
+    """
 
     execution_provider: str = "auto"
     intra_op_threads: int = 0
+    memo_rows: int = 0
 
     def validate(self) -> None:
         if self.execution_provider not in ("auto", "cpu", "cuda", "tensorrt"):
             raise ConfigError("execution_provider must be auto, cpu, cuda or tensorrt")
+        if self.memo_rows < 0:
+            raise ConfigError("memo_rows must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -90,12 +90,40 @@ class TokenizerStep:
         }
 
 
+class RowMemo:
+    """Outputs of recently seen input rows (least recently used first out), keyed by a digest
+    of the row's input bytes: a deterministic graph gives a repeated row the same outputs."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._rows: "collections.OrderedDict[str, Dict[str, np.ndarray]]" = collections.OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> Optional[Dict[str, np.ndarray]]:
+        row = self._rows.get(key)
+        if row is None:
+            self.misses += 1
+            return None
+        self._rows.move_to_end(key)
+        self.hits += 1
+        return row
+
+    def put(self, key: str, row: Dict[str, np.ndarray]) -> None:
+        self._rows[key] = row
+        self._rows.move_to_end(key)
+        while len(self._rows) > self.capacity:
+            self._rows.popitem(last=False)
+
+
 class OnnxStep:
-    """Runs one ONNX graph over all requests of a batch at once (text_encoder, vae_decoder)."""
+    """Runs one ONNX graph over all requests of a batch at once (text_encoder, vae_decoder);
+    with ``memo_rows``, rows seen recently are answered from a :class:`RowMemo` and only the
+    others run."""
 
     def __init__(self, onnx_path: Path, config: OnnxModelConfig):
         self.model = OnnxModel(onnx_path, config.execution_provider, config.intra_op_threads)
         self.INPUTS = tuple(self.model.input_names)
+        self.memo = RowMemo(config.memo_rows) if config.memo_rows else None
 
     def execute(self, batch: Batch) -> Results:
         for inputs in batch:
@@ -104,9 +132,21 @@ class OnnxStep:
                     raise rq.InvalidInput(name, "is required")
         counts = [len(inputs[self.INPUTS[0]]) for inputs in batch]
         feeds = {name: np.concatenate([inputs[name] for inputs in batch]) for name in self.INPUTS}
-        outputs = self.model.run(feeds)
+        outputs = self.model.run(feeds) if self.memo is None else self._run_memoized(feeds)
         split = {name: _split(value, counts) for name, value in outputs.items()}
         return [{name: split[name][i] for name in outputs} for i in range(len(batch))]
+
+    def _run_memoized(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        rows = len(feeds[self.INPUTS[0]])
+        keys = [job_digest(*(feeds[name][i] for name in self.INPUTS)) for i in range(rows)]
+        found = [self.memo.get(key) for key in keys]
+        todo = [i for i, row in enumerate(found) if row is None]
+        if todo:
+            computed = self.model.run({name: value[todo] for name, value in feeds.items()})
+            for j, i in enumerate(todo):
+                found[i] = {name: value[j].copy() for name, value in computed.items()}
+                self.memo.put(keys[i], found[i])
+        return {name: np.stack([row[name] for row in found]) for name in found[0]}
 
 
 class CacheStep:
