@@ -10,6 +10,7 @@ exception that request raised. Triton adapters call them through
 from __future__ import annotations
 
 import collections
+import hashlib
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Union
@@ -26,7 +27,7 @@ from nirvana.config import CacheConfig, OnnxModelConfig, PipelineSpec, RequestDe
 from nirvana.onnx_session import OnnxModel
 from nirvana.text import PromptTokenizer
 from nirvana.step_engine import DeadlineExceeded, StepEngine, Ticket
-from nirvana.unet_loop import DenoiseJob, DenoiseResult, StepRangeLoop, job_digest
+from nirvana.unet_loop import DenoiseJob, DenoiseResult, StepRangeLoop
 
 Batch = List[Dict[str, Optional[np.ndarray]]]
 Results = List[Union[Dict[str, np.ndarray], BaseException]]
@@ -49,6 +50,24 @@ def _each(batch: Batch, fn) -> Results:
         except (rq.InvalidInput, admin.Unauthorized) as exc:
             results.append(exc)
     return results
+
+
+def inputs_digest(*parts) -> str:
+    """A digest of some inputs (arrays, numbers, tuples): equal digests mean byte-identical inputs.
+
+    A deterministic computation gives them the same result, so it runs once: the step engine
+    coalesces identical denoising rows, the ONNX steps' memo answers repeated input rows.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            array = np.ascontiguousarray(part)
+            h.update(f"{array.dtype}{array.shape}".encode())
+            h.update(array.tobytes())
+        else:
+            h.update(repr(part).encode())
+        h.update(b"|")
+    return h.hexdigest()
 
 
 class TokenizerStep:
@@ -138,7 +157,7 @@ class OnnxStep:
 
     def _run_memoized(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         rows = len(feeds[self.INPUTS[0]])
-        keys = [job_digest(*(feeds[name][i] for name in self.INPUTS)) for i in range(rows)]
+        keys = [inputs_digest(*(feeds[name][i] for name in self.INPUTS)) for i in range(rows)]
         found = [self.memo.get(key) for key in keys]
         todo = [i for i, row in enumerate(found) if row is None]
         if todo:
@@ -289,23 +308,23 @@ class CacheStep:
         admitted = np.zeros((len(keys), 1), dtype=np.int32)
         coalesced = (np.zeros(len(keys), dtype=bool) if inputs.get("COALESCED") is None
                      else inputs["COALESCED"].reshape(-1).astype(bool))
+        starts = np.zeros(len(keys), dtype=np.int64) if start is None else start.reshape(-1).astype(np.int64)
         for i, key in enumerate(keys):
             if not enabled[i]:
                 continue
             if coalesced[i]:
                 # An identical request in flight computed this one's result: it ran no step, and
                 # that request admits the states.
-                started = 0 if start is None else int(start.reshape(-1)[i])
                 self.counters["coalesced"] += 1
-                self.counters["steps_saved"] += key.steps - started
-                self.counters["steps_run"] -= key.steps - started
+                self.counters["steps_saved"] += key.steps - int(starts[i])
+                self.counters["steps_run"] -= key.steps - int(starts[i])
                 continue
+            if starts[i] >= key.steps:
+                continue  # exact hit: nothing new to store
             checkpoints = {int(k): torch.from_numpy(np.array(states[i, j]))
                            for j, k in enumerate(steps_in[i]) if int(k) > 0}
             final_i = torch.from_numpy(np.array(final[i]))
-            was_hit = start is not None and int(start.reshape(-1)[i]) > 0
-            if start is not None and int(start.reshape(-1)[i]) >= key.steps:
-                continue  # exact hit: nothing new to store
+            was_hit = bool(starts[i] > 0)
             admitted[i, 0] = self.cache.admit(embeddings[i], key, checkpoints, final_i, was_hit=was_hit)
             self._dirty = self._dirty or admitted[i, 0] > 0
         # The final latents pass through to the VAE, so admission runs whenever IMAGE is asked for.
@@ -445,6 +464,6 @@ class UNetLoopStep:
             jobs.append(DenoiseJob(
                 latents=as_tensor(latents), prompt_embeds=as_tensor(hidden), negative_embeds=as_tensor(negative),
                 start_step=int(start[i]), steps=int(steps[i]), guidance_scale=float(guidance[i]),
-                save_steps=save, digest=job_digest(latents, hidden, negative, int(start[i]), int(steps[i]),
+                save_steps=save, digest=inputs_digest(latents, hidden, negative, int(start[i]), int(steps[i]),
                                                    float(guidance[i]), save)))
         return jobs

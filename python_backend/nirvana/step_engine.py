@@ -163,6 +163,8 @@ class StepEngine:
         self._tickets: Dict[int, Ticket] = {}
         self._stopped = False
         self._unhealthy: Optional[str] = None  # why new requests are refused
+        self._stuck = False  # _unhealthy because the running tick overran: cleared when it returns
+        self._hooked_at = 0.0
         self._tick_started: Optional[float] = None
         self._thread = threading.Thread(target=self._run, name="unet-step-engine", daemon=True)
         self._thread.start()
@@ -268,9 +270,13 @@ class StepEngine:
         for queue in (self._pending, self._active):
             for computation in [c for c in queue if not c.subscribers]:
                 queue.remove(computation)
-                if computation.job.digest is not None:
-                    self._in_flight.pop(computation.job.digest, None)
+                self._forget(computation)
         self._update_gauges()
+
+    def _forget(self, computation: _Computation) -> None:
+        """(Under the lock.) A computation leaves: identical rows may no longer join it."""
+        if computation.job.digest is not None:
+            self._in_flight.pop(computation.job.digest, None)
 
     def _update_gauges(self) -> None:
         self.stats.active_rows = len(self._active)
@@ -307,8 +313,8 @@ class StepEngine:
                     computation.subscribers = [(t, r) for t, r in computation.subscribers if not t.answered]
                     if computation.subscribers:
                         self._active.append(computation)
-                    elif computation.job.digest is not None:
-                        self._in_flight.pop(computation.job.digest, None)
+                    else:
+                        self._forget(computation)
             ticks += 1
             self._expire(poll_cancellation=ticks % self.cancel_check_ticks == 0)
             with self._cv:
@@ -328,7 +334,8 @@ class StepEngine:
                         self.stats.ticks += 1
                         self.stats.tick_rows += len(running)
                         self.stats.tick_seconds += elapsed
-                        if self._unhealthy and self._unhealthy.startswith("a tick ran"):
+                        if self._stuck:
+                            self._stuck = False
                             self._unhealthy = None  # the stuck tick returned: serve again
             self._finish_done()
             self._notify_hook(throttle_s=0.25)
@@ -338,8 +345,7 @@ class StepEngine:
             done = [c for c in self._active if c.active is not None and c.active.done]
             for computation in done:
                 self._active.remove(computation)
-                if computation.job.digest is not None:
-                    self._in_flight.pop(computation.job.digest, None)
+                self._forget(computation)
             self._update_gauges()
         for computation in done:
             result = self.loop.finish(computation.active)
@@ -373,7 +379,7 @@ class StepEngine:
         if self.on_idle_or_tick is None:
             return
         now = time.monotonic()
-        if throttle_s and now - getattr(self, "_hooked_at", 0.0) < throttle_s:
+        if throttle_s and now - self._hooked_at < throttle_s:
             return
         self._hooked_at = now
         try:
@@ -397,6 +403,7 @@ class StepEngine:
                          time.monotonic() - started > self.stuck_tick_s)
                 dead = not self._thread.is_alive()
                 if stuck and not self._unhealthy:
+                    self._stuck = True
                     self._unhealthy = f"a tick ran for over {self.stuck_tick_s:g} s (stuck_tick_s)"
                 elif dead:
                     self._unhealthy = "the loop thread died"

@@ -9,11 +9,9 @@ resuming from a cached step K simply has fewer ticks to go.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from nirvana.schedulers import capture_history, make_scheduler, restore_history
@@ -36,7 +34,7 @@ class DenoiseJob:
         save_steps: Steps after which the latents are returned as checkpoints.
         history: Multistep solver history saved with the starting state [H, C, H, W]
             (see :func:`nirvana.schedulers.capture_history`); None for stateless schedulers.
-        digest: Identifies the job's inputs (see :func:`job_digest`): jobs with the same digest
+        digest: Identifies the job's inputs (see :func:`nirvana.pipeline.inputs_digest`): jobs with the same digest
             compute the same result, so a step engine may run them once. None: never shared.
     """
 
@@ -66,24 +64,6 @@ class DenoiseResult:
     checkpoints: Dict[int, torch.Tensor] = field(default_factory=dict)
     histories: Dict[int, torch.Tensor] = field(default_factory=dict)
     steps_run: int = 0
-
-
-def job_digest(*parts) -> str:
-    """A digest of a job's inputs (arrays, numbers, tuples), for coalescing identical jobs.
-
-    Two jobs with equal digests have byte-identical inputs, so the loop would compute the same
-    result for both: the step engine runs them once.
-    """
-    h = hashlib.blake2b(digest_size=16)
-    for part in parts:
-        if isinstance(part, np.ndarray):
-            array = np.ascontiguousarray(part)
-            h.update(f"{array.dtype}{array.shape}".encode())
-            h.update(array.tobytes())
-        else:
-            h.update(repr(part).encode())
-        h.update(b"|")
-    return h.hexdigest()
 
 
 class _Active:
