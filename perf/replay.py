@@ -332,6 +332,28 @@ def plot(report: Dict[str, object], path: Path) -> None:
 # Warm-cache replay
 
 
+def add_warm_replay_arguments(parser: argparse.ArgumentParser, warmup_default: int) -> None:
+    """The warm replay's flags, shared by ``nirvana-replay`` and ``make perf`` (nirvana_perf.run_all)."""
+    parser.add_argument("--warmup", type=int, default=warmup_default,
+                        help="warm replay: requests admitted unmeasured first")
+    parser.add_argument("--window", type=int, default=300, help="warm replay: measured requests per level")
+    parser.add_argument("--levels", default="1,4,8,open",
+                        help="warm replay: closed-loop concurrencies and/or 'open' (Poisson near the cache-off capacity)")
+    parser.add_argument("--probe-every", type=int, default=10,
+                        help="warm replay: every Nth request at the probe levels repeats a warm-up request (0: none)")
+    parser.add_argument("--probe-levels", default="8", help="warm replay: levels with exact-hit probes")
+    parser.add_argument("--open-rate-factor", type=float, default=0.9,
+                        help="warm replay: open-loop rate = this x the cache-off throughput at the highest closed level")
+
+
+def warm_replay_options(args: argparse.Namespace) -> Dict[str, object]:
+    """Keyword arguments of :func:`warm_replay` from the flags of :func:`add_warm_replay_arguments`."""
+    return {"warmup": args.warmup, "window": args.window, "levels": parse_levels(args.levels),
+            "probe_every": args.probe_every,
+            "probe_levels": parse_levels(args.probe_levels) if args.probe_levels else [],
+            "open_rate_factor": args.open_rate_factor}
+
+
 def parse_levels(text: str) -> List[str]:
     """"1,4,8,open" -> ["1", "4", "8", "open"]: closed-loop concurrencies (in order), then the open loop."""
     levels = [x.strip().lower() for x in str(text).split(",") if x.strip()]
@@ -617,27 +639,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--compare", action="store_true", help="alternate cache off / on per chunk")
     parser.add_argument("--chunk", type=int, default=0,
                         help="requests per alternation chunk (0: 20; warm replay: 6 x concurrency, at least 20)")
-    parser.add_argument("--warmup", type=int, default=0, help="warm replay: requests admitted unmeasured first")
-    parser.add_argument("--window", type=int, default=300, help="warm replay: measured requests per level")
-    parser.add_argument("--levels", default="1,4,8,open", help="warm replay: closed-loop concurrencies and/or 'open'")
-    parser.add_argument("--probe-every", type=int, default=10,
-                        help="warm replay: every Nth request repeats a warm-up request (0: none)")
-    parser.add_argument("--probe-levels", default="8", help="warm replay: levels that get probes")
-    parser.add_argument("--open-rate-factor", type=float, default=0.9,
-                        help="warm replay: open-loop rate as a fraction of the cache-off throughput at the highest closed level")
+    add_warm_replay_arguments(parser, warmup_default=0)  # --warmup N > 0 selects the warm replay
     parser.add_argument("--output", type=Path, default=Path("perf/results/replay"))
     args = parser.parse_args(argv)
     urls = _urls(args.url)
     args.output.mkdir(parents=True, exist_ok=True)
     stem = args.log.stem
     if args.warmup:
-        levels = parse_levels(args.levels)
-        needed = args.warmup + args.window * len(levels)
-        rows = load_log(args.log, args.limit or needed)
-        report = asyncio.run(warm_replay(urls, rows, warmup=args.warmup, window=args.window, levels=levels,
-                                         steps=args.steps, chunk=args.chunk, probe_every=args.probe_every,
-                                         probe_levels=parse_levels(args.probe_levels) if args.probe_levels else [],
-                                         open_rate=args.rate, open_rate_factor=args.open_rate_factor))
+        options = warm_replay_options(args)
+        rows = load_log(args.log, args.limit or args.warmup + args.window * len(options["levels"]))
+        report = asyncio.run(warm_replay(urls, rows, steps=args.steps, chunk=args.chunk, open_rate=args.rate,
+                                         **options))
         report["log"] = str(args.log)
         text = warm_markdown(report)
         (args.output / f"{stem}.warm.json").write_text(json.dumps(report, indent=1))

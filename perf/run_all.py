@@ -326,18 +326,10 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=0,
                         help="most rows read from the log (default: warm-up + window x levels)")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=300, help="warm replay: requests admitted unmeasured first")
-    parser.add_argument("--window", type=int, default=300, help="warm replay: measured requests per level")
-    parser.add_argument("--levels", default="1,4,8,open",
-                        help="warm replay: closed-loop concurrencies and/or 'open' (Poisson near the cache-off capacity)")
+    replay.add_warm_replay_arguments(parser, warmup_default=300)
     parser.add_argument("--batching", default="step,execute", help="unet_loop batching modes compared side by side")
     parser.add_argument("--chunk", type=int, default=0,
                         help="warm replay: requests per cache off/on chunk (0: 6 x concurrency, at least 20)")
-    parser.add_argument("--probe-every", type=int, default=10,
-                        help="warm replay: every Nth request at the probe levels repeats a warm-up request (0: none)")
-    parser.add_argument("--probe-levels", default="8", help="warm replay: levels with exact-hit probes")
-    parser.add_argument("--open-rate-factor", type=float, default=0.9,
-                        help="open loop rate = this x the cache-off throughput at the highest closed level")
     parser.add_argument("--open-rate", type=float, default=0.0, help="open loop rate in req/s (overrides the factor)")
     parser.add_argument("--warmup-concurrency", type=int, default=8)
     parser.add_argument("--pa-concurrency", default="1:2", help="perf_analyzer --concurrency-range")
@@ -450,7 +442,8 @@ def benchmarks(args: argparse.Namespace) -> Dict[str, object]:
 def warm_replay_step(args: argparse.Namespace) -> Dict[str, object]:
     """Steps 3 and 4: one server per batching mode, all up at once, driven chunk by chunk in turn."""
     modes = [m.strip() for m in args.batching.split(",") if m.strip()]
-    levels = replay.parse_levels(args.levels)
+    options = replay.warm_replay_options(args)
+    levels = options["levels"]
     rows = load_log(args.log, args.limit or args.warmup + args.window * len(levels))
     print(f"3/4 warm replay of {args.log}: warm-up {args.warmup}, window {args.window} per level, levels "
           f"{','.join(levels)}, batching {','.join(modes)} ...", flush=True)
@@ -469,11 +462,9 @@ def warm_replay_step(args: argparse.Namespace) -> Dict[str, object]:
                 stats[mode] = model_statistics(server.grpc_url)
 
         rep = asyncio.run(replay.warm_replay(
-            {mode: server.grpc_url for mode, server in servers.items()}, rows, warmup=args.warmup,
-            window=args.window, levels=levels, steps=args.steps, chunk=args.chunk, probe_every=args.probe_every,
-            probe_levels=replay.parse_levels(args.probe_levels) if args.probe_levels else [],
-            open_rate=args.open_rate, open_rate_factor=args.open_rate_factor,
-            warmup_concurrency=args.warmup_concurrency, after_warmup=after_warmup))
+            {mode: server.grpc_url for mode, server in servers.items()}, rows, steps=args.steps, chunk=args.chunk,
+            open_rate=args.open_rate, warmup_concurrency=args.warmup_concurrency, after_warmup=after_warmup,
+            **options))
         rep["log"] = str(args.log)
         print("4/4 cache cost ...", flush=True)
         costs = {}
