@@ -224,9 +224,16 @@ def _class_order(name: str) -> tuple:
     return (order.index(base) if base in order else len(order), k, name)
 
 
-def mode_summary(mine: List[Sample], seconds: float) -> Dict[str, object]:
-    """Throughput, steps saved and latency by cache result of one (configuration, level, cache mode)."""
+def mode_summary(mine: List[Sample], seconds: float, concurrency: int = 0) -> Dict[str, object]:
+    """Throughput, steps saved and latency by cache result of one (configuration, level, cache mode).
+
+    For a closed loop (``concurrency`` c > 0) also the throughput at exactly c requests in flight,
+    c / mean latency (Little's law), and the occupancy: the mean number in flight over c. The wall
+    clock throughput counts each chunk's drain, when fewer than c requests are left: the drain is
+    longer when request lengths differ (cache on: exact hits next to misses), which charges the
+    cache for the benchmark's chunking rather than for the server."""
     ok = [s for s in mine if s.status != "error"]
+    busy_s = sum(s.latency_s for s in ok)
     statuses = Counter(s.status for s in mine)
 
     def saved(samples):
@@ -241,6 +248,8 @@ def mode_summary(mine: List[Sample], seconds: float) -> Dict[str, object]:
     return {
         "requests": len(mine), "errors": statuses.get("error", 0), "wall_s": seconds,
         "throughput_rps": len(ok) / seconds if seconds else 0.0,
+        "throughput_at_c_rps": concurrency * len(ok) / busy_s if concurrency and busy_s else None,
+        "occupancy": busy_s / (concurrency * seconds) if concurrency and seconds else None,
         "status_counts": dict(statuses),
         "hit_rate": (statuses.get("approximate", 0) + statuses.get("exact", 0)) / max(1, len(mine)),
         "unet_steps_saved": saved(ok),
@@ -256,14 +265,26 @@ def mode_summary(mine: List[Sample], seconds: float) -> Dict[str, object]:
     }
 
 
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a and b else None
+
+
+def efficiency(r: Optional[float], saved: float) -> Optional[float]:
+    """E = (1 - 1/R) / s: the share of the saved UNet steps that became throughput."""
+    return (1 - 1 / r) / saved if r and saved > 0 else None
+
+
 def compare_summary(on: Dict[str, object], off: Dict[str, object]) -> Dict[str, object]:
-    """R = throughput on / off, s = UNet steps saved (cache on), E = (1 - 1/R) / s; exact vs miss p50."""
-    r = on["throughput_rps"] / off["throughput_rps"] if off["throughput_rps"] and on["throughput_rps"] else None
+    """R = throughput on / off, s = UNet steps saved (cache on), E = (1 - 1/R) / s (wall clock, and at
+    exactly c in flight for a closed loop); exact vs miss p50."""
+    r = _ratio(on["throughput_rps"], off["throughput_rps"])
+    r_at_c = _ratio(on.get("throughput_at_c_rps"), off.get("throughput_at_c_rps"))
     s = on["unet_steps_saved"]
     classes = on["latency_by_class_s"]
     miss = classes.get("miss", {}).get("p50")
     exact = classes.get("exact", {}).get("p50")
-    return {"R": r, "s": s, "E": (1 - 1 / r) / s if r and s > 0 else None, "miss_p50_s": miss,
+    return {"R": r, "s": s, "E": efficiency(r, s), "R_at_c": r_at_c, "E_at_c": efficiency(r_at_c, s),
+            "miss_p50_s": miss,
             "exact_p50_s": exact, "exact_over_miss": exact / miss if exact is not None and miss else None,
             "p50_ratio_on_off": (on["latency_s"]["p50"] / off["latency_s"]["p50"]
                                  if on["latency_s"] and off["latency_s"] else None)}
@@ -466,7 +487,8 @@ async def warm_replay(urls: Dict[str, str], rows: Sequence[dict], *, warmup: int
             for label in labels:
                 cfg = report["configs"].setdefault(label, {})
                 per_mode = {mode: mode_summary([s for s in samples if (s.server, s.level, s.mode) == (label, level, mode)],
-                                               busy.get((label, level, mode), 0.0)) for mode in ("off", "on")}
+                                               busy.get((label, level, mode), 0.0),
+                                               0 if level == OPEN else int(level)) for mode in ("off", "on")}
                 cfg[level] = {**per_mode, **compare_summary(per_mode["on"], per_mode["off"]),
                               **chunk_ratios(chunk_rps[(label, "on")], chunk_rps[(label, "off")],
                                              per_mode["on"]["unet_steps_saved"]),
@@ -489,7 +511,7 @@ def chunk_ratios(on: Sequence[float], off: Sequence[float], saved: float) -> Dic
     median = float(np.median(ratios))
     return {"R_per_chunk": [round(r, 4) for r in ratios], "R_chunk_median": median,
             "R_chunk_p25": float(np.percentile(ratios, 25)), "R_chunk_p75": float(np.percentile(ratios, 75)),
-            "E_chunk_median": (1 - 1 / median) / saved if saved > 0 else None}
+            "E_chunk_median": efficiency(median, saved)}
 
 
 def _open_rate(report: Dict[str, object], factor: float) -> float:
@@ -526,21 +548,28 @@ def warm_markdown(report: Dict[str, object]) -> str:
              f"cache off and on alternated in chunks on every configuration. Probes (repeats of a warm-up "
              f"request, exact hits) every {report['probe_every']}th request at levels "
              f"{', '.join(report['probe_levels']) or 'none'}. R = throughput on/off; s = UNet steps saved (cache on, "
-             f"probes included; log only in brackets); E = (1 - 1/R) / s. Open loop: throughput is the offered rate, "
-             f"so R and E say little there; read its latencies.", ""]
+             f"probes included; log only in brackets); E = (1 - 1/R) / s. Closed loops: \"at c\" is the throughput "
+             f"with exactly c requests in flight, c / mean latency (Little's law), and R at c, E at c from it; "
+             f"occupancy is the mean number in flight over c. The wall-clock throughput also counts each chunk's "
+             f"drain (fewer than c in flight), which is longer with the cache on because request lengths differ: "
+             f"compare the occupancies. Open loop: throughput is the offered rate, so R and E say little there; "
+             f"read its latencies.", ""]
     for label, cfg in report["configs"].items():
         lines += [f"### {label}", "",
-                  "| level | cache | requests | errors | throughput req/s | hit rate | s | R | E | p50 s | p99 s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| level | cache | requests | errors | throughput req/s | at c req/s | occupancy | hit rate | s | R | E "
+                  "| R at c | E at c | p50 s | p99 s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for level, lv in cfg.items():
             for mode in ("off", "on"):
                 m = lv[mode]
                 on = mode == "on"
                 lines.append(
                     f"| {level_name(level, lv)} | {mode} | {m['requests']} | {m['errors']} | {m['throughput_rps']:.3f} | "
+                    f"{_f(m.get('throughput_at_c_rps'))} | {_f(m.get('occupancy'), '.1%')} | "
                     f"{m['hit_rate']:.1%} | " + (f"{m['unet_steps_saved']:.1%} ({m['unet_steps_saved_log_only']:.1%})"
                                                   if on else "") +
                     f" | {_f(lv['R'], '.3f') if on else ''} | {_f(lv['E'], '.2f') if on else ''} | "
+                    f"{_f(lv.get('R_at_c'), '.3f') if on else ''} | {_f(lv.get('E_at_c'), '.2f') if on else ''} | "
                     f"{_f(m['latency_s'].get('p50'))} | {_f(m['latency_s'].get('p99'))} |")
         lines += ["", "Latency by cache result (cache on; cache off: every request runs all steps):", "",
                   "| level | result | n | p50 s | p99 s |", "|---|---|---|---|---|"]
@@ -557,14 +586,16 @@ def warm_markdown(report: Dict[str, object]) -> str:
     lines += ["### Side by side", "",
               "R per chunk: on/off throughput of each chunk (run back to back), median [quartiles], and E from "
               "that median: less sensitive than R to a shared machine's speed drifting between chunks.", "",
-              "| level | batching | R | s | E | miss p50 s | exact p50 s | exact/miss | R per chunk | E (chunk median) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| level | batching | R | s | E | R at c | E at c | miss p50 s | exact p50 s | exact/miss | R per chunk "
+              "| E (chunk median) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     levels = list(dict.fromkeys(lv for cfg in report["configs"].values() for lv in cfg))
     for level in levels:
         for label, cfg in report["configs"].items():
             if level in cfg:
                 lv = cfg[level]
                 lines.append(f"| {level_name(level, lv)} | {label} | {_f(lv['R'])} | {lv['s']:.1%} | {_f(lv['E'], '.2f')} | "
+                             f"{_f(lv.get('R_at_c'))} | {_f(lv.get('E_at_c'), '.2f')} | "
                              f"{_f(lv['miss_p50_s'])} | {_f(lv['exact_p50_s'])} | {_f(lv['exact_over_miss'], '.1%')} | "
                              f"{_f(lv.get('R_chunk_median'))} [{_f(lv.get('R_chunk_p25'), '.2f')}–"
                              f"{_f(lv.get('R_chunk_p75'), '.2f')}] | {_f(lv.get('E_chunk_median'), '.2f')} |")
