@@ -9,7 +9,7 @@ import pytest
 
 from nirvana.config import PipelineSpec, UNetLoopConfig
 from nirvana.pipeline import UNetLoopStep
-from nirvana.requests import InvalidInput
+from nirvana.inputs import InvalidInput
 from nirvana.step_engine import DeadlineExceeded
 
 pytestmark = pytest.mark.timeout(120)

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from nirvana.requests import InvalidInput
+from nirvana.inputs import InvalidInput
 from nirvana.step_engine import EngineUnavailable, RequestCancelled
 
 Outputs = Dict[str, np.ndarray]

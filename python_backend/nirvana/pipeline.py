@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from nirvana import admin
-from nirvana import requests as rq
+from nirvana import inputs as rq
 from nirvana.backend import PARAMETERS
 from nirvana.cache import CacheKey, LatentCache, LookupResult
 from nirvana.cache.engine import APPROXIMATE, DISABLED

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from nirvana import requests as rq
+from nirvana import inputs as rq
 
 
 def text(*values):
