@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import typing
 from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple, Type, TypeVar
@@ -66,15 +65,34 @@ def _convert(name: str, text: str, annotation: Any) -> Any:
     raise ConfigError(f"parameter {name!r}: unsupported type {annotation}")
 
 
+def read_model_config(path: Path):
+    """A config.pbtxt file as Triton's ``ModelConfig`` protobuf, parsed the way the server parses it.
+
+    tritonclient (and protobuf) are imported here, not at module level: the nirvana package is
+    also imported inside the Triton server container, which has no tritonclient.
+
+    Raises:
+        ConfigError: Naming the file, when it is not a valid model config.
+    """
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = Path(path)
+    try:
+        return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{path}: not a valid model config: {exc}") from exc
+
+
 def read_pbtxt_parameters(path: Path) -> Dict[str, Any]:
     """The ``parameters`` of a config.pbtxt file, in the form Triton hands to a model.
 
-    Only the ``{ key: "..." value: { string_value: "..." } }`` entries this project writes are read;
-    tools outside Triton (the simulator, tests) use it to see what the server is configured with.
+    Tools outside Triton (the simulator, tests) use it to see what the server is configured with;
+    the file is parsed as Triton's ``ModelConfig`` protobuf (:func:`read_model_config`), so any
+    valid config.pbtxt layout reads the same as in the server.
     """
-    pairs = re.findall(r'key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"\s*\}',
-                       Path(path).read_text())
-    return {"parameters": {key: {"string_value": value} for key, value in pairs}}
+    config = read_model_config(path)
+    return {"parameters": {key: {"string_value": value.string_value} for key, value in config.parameters.items()}}
 
 
 def parse_parameters(cls: Type[T], model_config: Mapping[str, Any] | str) -> T:
@@ -156,8 +174,13 @@ class CacheConfig:
     # faiss OpenMP threads in this process: 1, so the cache does not fight the UNet loop for the cores.
     index_threads: int = 1
     use_gpu: bool = True
+    # Persistence (nirvana.cache.persistence): snapshots + a journal of every change under
+    # snapshot_path ("" = off); a background compaction every snapshot_interval_s (< 0: only at
+    # unload); appendfsync always | everysec | off, as Redis's (always: an acknowledged admission
+    # survives kill -9; everysec: at most the last second is lost).
     snapshot_path: str = ""
     snapshot_interval_s: float = 60.0
+    appendfsync: str = "everysec"
     # Benchmark only: fill the cache at load with this many synthetic entries (random clustered
     # embeddings, one 2-byte state each, searched but never served) in the namespace of tenant ""
     # at synthetic_steps STEPS (0: base_steps), to measure the cache's cost at a size
@@ -190,6 +213,8 @@ class CacheConfig:
             raise ConfigError("synthetic_entries and synthetic_steps must be >= 0")
         if self.synthetic_entries and self.snapshot_path:
             raise ConfigError("synthetic_entries (benchmark-only) cannot be combined with snapshot_path")
+        if self.appendfsync not in ("always", "everysec", "off"):
+            raise ConfigError(f"appendfsync must be always, everysec or off, not {self.appendfsync!r}")
         if self.store_dtype not in ("float16", "float32", "bfloat16"):
             raise ConfigError("store_dtype must be float16, bfloat16 or float32")
 

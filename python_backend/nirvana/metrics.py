@@ -12,7 +12,7 @@ from nirvana.cache.engine import APPROXIMATE, DISABLED, EXACT, MISS
 
 
 class CacheMetrics:
-    """Mirrors a :class:`nirvana.pipeline.CacheStep`'s counters into Triton metric families."""
+    """Mirrors a :class:`nirvana.cache_step.CacheStep`'s counters into Triton metric families."""
 
     def __init__(self, pb_utils, model: str = "latent_cache"):
         family = pb_utils.MetricFamily
@@ -62,16 +62,15 @@ class CacheMetrics:
 
     def publish(self, step) -> None:
         """Bring every metric up to date with ``step`` (a CacheStep)."""
-        counters = step.counters
+        counters = step.counters  # a nirvana.cache_step.CacheCounters
         for result in (MISS, APPROXIMATE, EXACT, DISABLED):
-            self._count("lookups", counters.get(f"lookup_{result}", 0), result=result)
-        for name, value in counters.items():
-            if name.startswith("hit_k_"):
-                self._count("hits_by_k", value, k=name[len("hit_k_"):])
-        self._count("steps", counters.get("steps_run", 0), kind="run")
-        self._count("steps", counters.get("steps_saved", 0), kind="saved")
-        self._count("lookup_seconds", counters.get("lookup_seconds", 0.0))
-        self._count("coalesced", counters.get("coalesced", 0))
+            self._count("lookups", counters.lookups.get(result, 0), result=result)
+        for k, value in counters.approximate_hits_by_k.items():
+            self._count("hits_by_k", value, k=str(k))
+        self._count("steps", counters.steps_run, kind="run")
+        self._count("steps", counters.steps_saved, kind="saved")
+        self._count("lookup_seconds", counters.lookup_seconds)
+        self._count("coalesced", counters.coalesced)
         cache = step.cache
         self._count("admitted", cache.counters["admitted_states"])
         self._count("flushed", cache.counters["flushed_states"])

@@ -33,7 +33,7 @@ Batch = List[Dict[str, Optional[np.ndarray]]]
 Results = List[Union[Dict[str, np.ndarray], BaseException]]
 
 
-def _bytes_column(values: Sequence[str]) -> np.ndarray:
+def bytes_column(values: Sequence[str]) -> np.ndarray:
     return np.array([[v.encode("utf-8")] for v in values], dtype=object)
 
 
@@ -41,7 +41,7 @@ def _split(array: np.ndarray, counts: Sequence[int]) -> List[np.ndarray]:
     return np.split(array, np.cumsum(counts)[:-1]) if counts else []
 
 
-def _each(batch: Batch, fn) -> Results:
+def per_request(batch: Batch, fn) -> Results:
     """Apply ``fn`` per request, turning its InvalidInput (or refused admin key) into that request's error."""
     results: Results = []
     for inputs in batch:
@@ -81,7 +81,7 @@ class TokenizerStep:
         self.tokenizer = PromptTokenizer(Path(directory) / "tokenizer", spec.max_length)
 
     def execute(self, batch: Batch) -> Results:
-        return _each(batch, self._one)
+        return per_request(batch, self._one)
 
     def _one(self, inputs) -> Dict[str, np.ndarray]:
         d = self.defaults
@@ -166,169 +166,6 @@ class OnnxStep:
                 found[i] = {name: value[j].copy() for name, value in computed.items()}
                 self.memo.put(keys[i], found[i])
         return {name: np.stack([row[name] for row in found]) for name in found[0]}
-
-
-class CacheStep:
-    """The latent_cache model: lookup (before the UNet), admission (after it) and admin.
-
-    A request carrying COMMAND is an admin command (see :mod:`nirvana.admin`), one
-    carrying CHECKPOINT_STEPS an admission; otherwise it is a lookup.
-
-    Args:
-        admin_key: The key admin requests must carry; None turns the admin surface off.
-    """
-
-    INPUTS = ("POOLED_EMBEDDING", "PROMPT", "NEGATIVE_PROMPT", "SEED", "STEPS", "GUIDANCE_SCALE", "TENANT",
-              "CACHE", "START_STEP", "CHECKPOINTS", "CHECKPOINT_STEPS", "FINAL_LATENTS", "COMMAND", "COALESCED")
-    WANTS_PARAMETERS = True  # admin requests carry the key as a (forwarded header) request parameter
-
-    def __init__(self, directory: Path, config: CacheConfig, device: Optional[torch.device] = None,
-                 admin_key: Optional[str] = None):
-        self.admin_key = admin_key
-        self.spec = PipelineSpec.load(directory)
-        self.config = config = config.with_model_thresholds(self.spec)
-        self.cache = LatentCache(config, self.spec.embedding_dim, device)
-        self.restore_report: Dict[str, object] = {}
-        # Cumulative counters for metrics: lookups by result, hits by K, UNet steps run/saved.
-        self.counters: Dict[str, float] = collections.Counter()
-        self._last_snapshot = time.monotonic()
-        self._dirty = False
-        if config.snapshot_path:
-            self.restore_report = self.cache.restore(Path(config.snapshot_path))
-
-    def execute(self, batch: Batch) -> Results:
-        results = _each(batch, self._one)
-        self.maybe_snapshot()
-        return results
-
-    def maybe_snapshot(self, force: bool = False, keep: Optional[int] = None) -> Optional[Path]:
-        """Snapshot when configured and due (``snapshot_interval_s`` after the last one), or now with ``force``."""
-        if not self.config.snapshot_path or not (self._dirty or force):
-            return None
-        interval = self.config.snapshot_interval_s  # < 0: only at shutdown; 0: after every admission
-        if not force and (interval < 0 or time.monotonic() - self._last_snapshot < interval):
-            return None
-        self._last_snapshot = time.monotonic()
-        self._dirty = False
-        return self.cache.snapshot(Path(self.config.snapshot_path), keep=keep)
-
-    def _admin(self, inputs) -> Dict[str, np.ndarray]:
-        admin.check_key(inputs.get(PARAMETERS) or {}, self.admin_key)
-        command = rq.decode_texts(inputs["COMMAND"], "COMMAND", 1, required=True,
-                                  max_bytes=64)[0].strip().lower()
-        # No TENANT: the whole cache; TENANT "" is the shared namespace.
-        tenant = None if inputs.get("TENANT") is None else rq.resolve_tenants(inputs["TENANT"], 1)[0]
-        if command == "stats":
-            if tenant is not None:
-                result = self.cache.tenant_stats(tenant)
-            else:
-                result = {**self.cache.stats(), "tenants": self.cache.all_tenant_stats()}
-        elif command == "flush":
-            flushed = self.cache.flush(tenant)
-            self._dirty = True
-            # Persist the flush at once, keeping no older snapshot, so a restart cannot bring it back.
-            snapshot = self.maybe_snapshot(force=True, keep=1)
-            result = {"tenant": tenant, "flushed_entries": flushed, "snapshot": snapshot and str(snapshot)}
-        elif command == "snapshot":
-            if not self.config.snapshot_path:
-                raise rq.InvalidInput("COMMAND", "snapshot needs the latent_cache parameter snapshot_path")
-            snapshot = self.maybe_snapshot(force=True)
-            result = {"snapshot": str(snapshot), "entries": len(self.cache)}
-        else:
-            raise rq.InvalidInput("COMMAND", f"{command!r} is not one of {', '.join(admin.COMMANDS)}")
-        result["command"] = command
-        return {"ADMIN_RESULT": np.array([[admin.encode_result(result)]], dtype=object)}
-
-    def _keys(self, inputs, rows: int) -> List[CacheKey]:
-        prompts = rq.decode_texts(inputs["PROMPT"], "PROMPT", rows, required=True, max_bytes=1 << 30)
-        negatives = rq.decode_texts(inputs["NEGATIVE_PROMPT"], "NEGATIVE_PROMPT", rows, required=False,
-                                    max_bytes=1 << 30)
-        for name in ("SEED", "STEPS", "GUIDANCE_SCALE"):
-            if inputs[name] is None:
-                raise rq.InvalidInput(name, "is required")
-        seeds, steps, guidance = (inputs[n].reshape(-1) for n in ("SEED", "STEPS", "GUIDANCE_SCALE"))
-        tenants = rq.resolve_tenants(inputs.get("TENANT"), rows)
-        return [CacheKey(prompts[i], negatives[i], int(seeds[i]), int(steps[i]), float(guidance[i]),
-                         tenant=tenants[i], model_id=self.spec.model_id) for i in range(rows)]
-
-    def _one(self, inputs) -> Dict[str, np.ndarray]:
-        if inputs.get("COMMAND") is not None:
-            return self._admin(inputs)
-        embeddings = inputs["POOLED_EMBEDDING"]
-        if embeddings is None:
-            raise rq.InvalidInput("POOLED_EMBEDDING", "is required")
-        rows = len(embeddings)
-        keys = self._keys(inputs, rows)
-        enabled = np.ones(rows, dtype=bool) if inputs.get("CACHE") is None else inputs["CACHE"].reshape(-1).astype(bool)
-        if len(enabled) != rows:
-            raise rq.InvalidInput("CACHE", f"expected {rows} values, got {len(enabled)}")
-        if inputs["CHECKPOINT_STEPS"] is not None:
-            return self._admit(inputs, embeddings, keys, enabled)
-        return self._lookup(embeddings, keys, enabled)
-
-    def _lookup(self, embeddings: np.ndarray, keys: List[CacheKey], enabled: np.ndarray) -> Dict[str, np.ndarray]:
-        width = len(self.config.cache_steps)
-        latents, start, sims, status, matched = [], [], [], [], []
-        save = np.zeros((len(keys), width), dtype=np.int32)
-        for i, key in enumerate(keys):
-            began = time.perf_counter()
-            if enabled[i]:
-                result = self.cache.lookup(embeddings[i], key)
-            else:  # CACHE=false: a plain full generation, neither looked up nor admitted
-                result = LookupResult(DISABLED, 0, 0.0, None, "", ())
-            self.counters["lookup_seconds"] += time.perf_counter() - began
-            self.counters[f"lookup_{result.status}"] += 1
-            if result.status == APPROXIMATE:
-                self.counters[f"hit_k_{result.start_step}"] += 1
-            self.counters["steps_saved"] += result.start_step
-            self.counters["steps_run"] += key.steps - result.start_step
-            if result.latents is None:
-                generator = torch.Generator().manual_seed(key.seed)
-                state = torch.randn(self.spec.latent_shape, generator=generator, dtype=torch.float32)
-            else:
-                state = result.latents.to("cpu", torch.float32)
-            latents.append(state.numpy())
-            start.append(result.start_step)
-            sims.append(result.similarity)
-            status.append(result.status)
-            matched.append(result.matched_prompt)
-            save[i, :len(result.save_steps)] = result.save_steps
-        rows = len(keys)
-        return {"LATENTS": np.stack(latents), "START_STEP_OUT": np.array(start, np.int32).reshape(rows, 1),
-                "SIMILARITY": np.array(sims, np.float32).reshape(rows, 1), "CACHE_STATUS": _bytes_column(status),
-                "MATCHED_PROMPT": _bytes_column(matched), "SAVE_STEPS": save}
-
-    def _admit(self, inputs, embeddings: np.ndarray, keys: List[CacheKey], enabled: np.ndarray) -> Dict[str, np.ndarray]:
-        steps_in, states = inputs["CHECKPOINT_STEPS"], inputs["CHECKPOINTS"]
-        final, start = inputs["FINAL_LATENTS"], inputs["START_STEP"]
-        if states is None:
-            raise rq.InvalidInput("CHECKPOINTS", "is required with CHECKPOINT_STEPS")
-        if final is None:
-            raise rq.InvalidInput("FINAL_LATENTS", "is required with CHECKPOINT_STEPS")
-        admitted = np.zeros((len(keys), 1), dtype=np.int32)
-        coalesced = (np.zeros(len(keys), dtype=bool) if inputs.get("COALESCED") is None
-                     else inputs["COALESCED"].reshape(-1).astype(bool))
-        starts = np.zeros(len(keys), dtype=np.int64) if start is None else start.reshape(-1).astype(np.int64)
-        for i, key in enumerate(keys):
-            if not enabled[i]:
-                continue
-            if coalesced[i]:
-                # An identical request in flight computed this one's result: it ran no step, and
-                # that request admits the states.
-                self.counters["coalesced"] += 1
-                self.counters["steps_saved"] += key.steps - int(starts[i])
-                self.counters["steps_run"] -= key.steps - int(starts[i])
-                continue
-            if starts[i] >= key.steps:
-                continue  # exact hit: nothing new to store
-            checkpoints = {int(k): torch.from_numpy(np.array(states[i, j]))
-                           for j, k in enumerate(steps_in[i]) if int(k) > 0}
-            final_i = torch.from_numpy(np.array(final[i]))
-            was_hit = bool(starts[i] > 0)
-            admitted[i, 0] = self.cache.admit(embeddings[i], key, checkpoints, final_i, was_hit=was_hit)
-            self._dirty = self._dirty or admitted[i, 0] > 0
-        # The final latents pass through to the VAE, so admission runs whenever IMAGE is asked for.
-        return {"ADMITTED": admitted, "LATENTS": final}
 
 
 class Responder(Protocol):

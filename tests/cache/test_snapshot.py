@@ -1,93 +1,217 @@
+"""Snapshots and the journal: what a restart brings back, and what it refuses to."""
+
 import json
+import threading
 
 import numpy as np
+import pytest
 import torch
 
 from nirvana.cache import CacheKey, LatentCache
+from nirvana.cache import snapshot as snapshot_module
+from nirvana.cache.journal import segments
+from nirvana.cache.persistence import CachePersistence
 from nirvana.config import CacheConfig
 
+pytestmark = pytest.mark.timeout(60)
 
-def filled_cache(n=6):
-    cache = LatentCache(CacheConfig(), 8)
-    rng = np.random.default_rng(0)
+
+def key(i, tenant=None, seed=None):
+    return CacheKey(f"p{i}", "", i if seed is None else seed, 50, 7.5, tenant="t" if (tenant is None and i % 2) else (tenant or ""))
+
+
+def admit(cache, i, vectors):
+    v = np.random.default_rng(i).standard_normal(8).astype(np.float32)
+    vectors.append(v)
+    cache.admit(v, key(i), {k: torch.full((4, 2, 2), float(i * 100 + k)) for k in (5, 10, 25)},
+                final_latents=torch.full((4, 2, 2), float(-i)))
+
+
+def filled_cache(n=6, config=None):
+    cache = LatentCache(config or CacheConfig(), 8)
     vectors = []
     for i in range(n):
-        v = rng.standard_normal(8).astype(np.float32)
-        vectors.append(v)
-        cache.admit(v, CacheKey(f"p{i}", "", i, 50, 7.5, tenant="t" if i % 2 else ""),
-                    {k: torch.full((4, 2, 2), float(i * 100 + k)) for k in (5, 10, 25)},
-                    final_latents=torch.full((4, 2, 2), float(-i)))
+        admit(cache, i, vectors)
     return cache, vectors
+
+
+def persistence(cache, root, **kwargs):
+    return CachePersistence(cache, root, threading.Lock(), interval_s=kwargs.pop("interval_s", -1), **kwargs)
+
+
+def restored(root, config=None):
+    cache = LatentCache(config or CacheConfig(), 8)
+    report = persistence(cache, root).restore()
+    return cache, report
 
 
 def lookups(cache, vectors):
     out = []
     for i, v in enumerate(vectors):
         for seed in (i, 999):
-            r = cache.lookup(v, CacheKey(f"p{i}", "", seed, 50, 7.5, tenant="t" if i % 2 else ""))
+            r = cache.lookup(v, key(i, seed=seed))
             out.append((r.status, r.start_step, None if r.latents is None else r.latents.float().sum().item()))
     return out
 
 
 def test_restore_after_snapshot_returns_the_same_lookups(tmp_path):
     cache, vectors = filled_cache()
-    cache.snapshot(tmp_path)
-    restored = LatentCache(CacheConfig(), 8)
-    report = restored.restore(tmp_path)
+    persistence(cache, tmp_path).compact()
+    again, report = restored(tmp_path)
     assert report["entries"] == 6 and report["states"] == 24 and report["problems"] == []
-    assert lookups(restored, vectors) == lookups(cache, vectors)
+    assert lookups(again, vectors) == lookups(cache, vectors)
 
 
-def test_corrupt_state_shard_is_reported_and_skipped(tmp_path):
+def test_corrupt_state_shard_among_several_loses_only_its_states(tmp_path, monkeypatch):
+    monkeypatch.setattr(snapshot_module, "STATES_PER_SHARD", 4)  # 24 states: 6 shards
     cache, vectors = filled_cache()
-    folder = cache.snapshot(tmp_path)
-    shard = next(folder.glob("states-*.safetensors"))
-    data = bytearray(shard.read_bytes())
+    folder = persistence(cache, tmp_path).compact()
+    shards = sorted(folder.glob("states-*.safetensors"))
+    assert len(shards) == 6
+    data = bytearray(shards[2].read_bytes())
     data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    restored = LatentCache(CacheConfig(), 8)
-    report = restored.restore(tmp_path)
-    assert any("states-" in p for p in report["problems"])
-    assert report["states"] == 0 and len(restored) == 0
-    assert all(r[0] == "miss" for r in lookups(restored, vectors))
+    shards[2].write_bytes(bytes(data))
+    again, report = restored(tmp_path)
+    assert [p for p in report["problems"] if "states-00002" in p]
+    assert report["states"] == 20 == len(again.store)
+    # Every state that came back is the one written.
+    for record in again.export_entries():
+        i = int(record.key.prompt[1:])
+        for state in record.states:
+            expected = -i if state.step == -1 else i * 100 + state.step
+            assert torch.all(state.tensor.float() == expected)
 
 
 def test_corrupt_metadata_falls_back_to_previous_snapshot(tmp_path):
     cache, vectors = filled_cache(2)
-    cache.snapshot(tmp_path)
-    more, more_vectors = filled_cache(4)
-    newest = more.snapshot(tmp_path)
+    persistence(cache, tmp_path).compact()
+    more, _ = filled_cache(4)
+    newest = persistence(more, tmp_path).compact()
     entries = json.loads((newest / "entries.json").read_text())
     entries["entries"][0]["key"]["prompt"] = "tampered"
     (newest / "entries.json").write_text(json.dumps(entries))
-    restored = LatentCache(CacheConfig(), 8)
-    report = restored.restore(tmp_path)
+    again, report = restored(tmp_path)
     assert any("entries.json failed its checksum" in p for p in report["problems"])
     assert report["entries"] == 2
-    assert lookups(restored, vectors) == lookups(cache, vectors)
+    assert lookups(again, vectors) == lookups(cache, vectors)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "names a missing snapshot", "wrong manifest hash", "empty"])
+def test_corrupt_current_falls_back_to_the_snapshots_on_disk(tmp_path, damage):
+    cache, vectors = filled_cache(3)
+    folder = persistence(cache, tmp_path).compact()
+    current = tmp_path / "CURRENT"
+    current.write_text({"garbage": "\x00\xff nonsense", "names a missing snapshot": "snap-1 abc\n",
+                        "wrong manifest hash": f"{folder.name} {'0' * 64}\n", "empty": ""}[damage])
+    again, report = restored(tmp_path)
+    assert report["entries"] == 3, report
+    assert lookups(again, vectors) == lookups(cache, vectors)
+
+
+def test_unknown_format_is_refused_not_loaded(tmp_path):
+    cache, _ = filled_cache(2)
+    folder = persistence(cache, tmp_path).compact()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["format"] = 99
+    (folder / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
+    (tmp_path / "CURRENT").write_text(f"{folder.name} \n")
+    again, report = restored(tmp_path)
+    assert any("format 99" in p for p in report["problems"])
+    assert report["entries"] == 0 and len(again) == 0
 
 
 def test_half_written_snapshot_is_never_loaded(tmp_path):
     cache, vectors = filled_cache(2)
-    cache.snapshot(tmp_path)
-    (tmp_path / "snap-99999999T999999-000000000.partial").mkdir()  # a crash mid-write
-    restored = LatentCache(CacheConfig(), 8)
-    assert restored.restore(tmp_path)["entries"] == 2
+    persistence(cache, tmp_path).compact()
+    # A crash mid-write of a bigger snapshot: its folder holds real files but never got renamed.
+    bigger, _ = filled_cache(5)
+    complete = persistence(bigger, tmp_path / "elsewhere").compact()
+    partial = tmp_path / "snap-99999999T999999-000000000.partial"
+    partial.mkdir()
+    for path in complete.iterdir():
+        (partial / path.name).write_bytes(path.read_bytes())
+    assert any(partial.iterdir())
+    again, report = restored(tmp_path)
+    assert report["entries"] == 2
+    assert lookups(again, vectors) == lookups(cache, vectors)
 
 
 def test_no_snapshot_is_an_empty_cache(tmp_path):
-    report = LatentCache(CacheConfig(), 8).restore(tmp_path / "absent")
-    assert report["entries"] == 0 and report["snapshot"] is None
+    _, report = restored(tmp_path / "absent")
+    assert report["entries"] == 0 and report["snapshot"] is None and report["problems"] == []
 
 
-def test_keep_one_leaves_no_older_snapshot(tmp_path):
+def test_flush_compaction_leaves_no_older_snapshot_or_journal(tmp_path):
     cache, vectors = filled_cache()
-    cache.snapshot(tmp_path)
-    cache.snapshot(tmp_path)
-    assert len([p for p in tmp_path.glob("snap-*")]) == 2
+    p = persistence(cache, tmp_path)
+    p.start()
+    p.compact()
+    p.compact()
+    assert len(list(tmp_path.glob("snap-*"))) == 2
     cache.flush("t")
-    cache.snapshot(tmp_path, keep=1)
-    assert len([p for p in tmp_path.glob("snap-*")]) == 1
-    restored = LatentCache(CacheConfig(), 8)
-    assert restored.restore(tmp_path)["entries"] == 3
-    assert restored.tenants() == [""]
+    p.compact(keep=1)
+    p.close()
+    assert len(list(tmp_path.glob("snap-*"))) == 1
+    again, report = restored(tmp_path)
+    assert report["entries"] == 3 and again.tenants() == [""]
+
+
+@pytest.mark.parametrize("appendfsync", ["always", "everysec", "off"])
+def test_the_journal_brings_back_what_no_snapshot_holds(tmp_path, appendfsync):
+    cache, vectors = filled_cache(2)
+    p = persistence(cache, tmp_path, appendfsync=appendfsync)
+    p.start()
+    p.compact()
+    for i in range(2, 5):
+        admit(cache, i, vectors)
+    cache.flush("t")  # the odd entries (1, 3) go, and so must they after a restart
+    p.sync()
+    p.journal.close()  # what a crash leaves: no final snapshot, only the journal
+    again, report = restored(tmp_path)
+    assert report["journal_records"] > 0 and report["problems"] == []
+    assert lookups(again, vectors) == lookups(cache, vectors)
+    assert sorted(r.key.prompt for r in again.export_entries()) == ["p0", "p2", "p4"]
+
+
+def test_a_torn_journal_record_keeps_everything_before_it(tmp_path):
+    cache, vectors = filled_cache(0)
+    p = persistence(cache, tmp_path, appendfsync="always")
+    p.start()
+    for i in range(3):
+        admit(cache, i, vectors)
+    p.sync()
+    p.journal.close()
+    (_, path), = segments(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-7])  # the last record half written (a kill mid-write)
+    again, report = restored(tmp_path)
+    assert any("torn" in problem for problem in report["problems"])
+    prompts = sorted(r.key.prompt for r in again.export_entries())
+    assert prompts[:2] == ["p0", "p1"]
+    lost = [s for r in again.export_entries() if r.key.prompt == "p2" for s in r.states]
+    assert len(lost) == 3  # p2 had 4 states; only its last record was torn
+
+
+def test_restore_into_a_smaller_cache_keeps_the_best_states(tmp_path):
+    cache, vectors = filled_cache(6)
+    persistence(cache, tmp_path).compact()
+    state_bytes = 4 * 2 * 2 * 2  # fp16 states; final latents are fp32 (twice as big)
+    small = CacheConfig(host_bytes=8 * state_bytes, eviction="lcbfu")
+    again, report = restored(tmp_path, small)
+    assert report["problems"] == []
+    assert report["states"] == len(again.store) and report["entries"] == len(again)
+    assert report["dropped_by_budget"] > 0
+    assert again.store.usage()["host"]["used_bytes"] <= 8 * state_bytes
+    kept_steps = sorted(s.step for r in again.export_entries() for s in r.states)
+    # LCBFU keeps the states that save the most steps (final latents count as all 50, then K=25).
+    assert kept_steps and min(kept_steps) != 5
+
+
+def test_restore_with_other_cache_steps_and_no_exact_hits(tmp_path):
+    cache, vectors = filled_cache(3)
+    persistence(cache, tmp_path).compact()
+    again, report = restored(tmp_path, CacheConfig(cache_steps=(10, 20), thresholds=((0.9, 20), (0.7, 10)),
+                                                   exact_hit=False))
+    steps = sorted({s.step for r in again.export_entries() for s in r.states})
+    assert steps == [10]
+    assert report["dropped_other_steps"] == 9 and report["states"] == 3

@@ -1,4 +1,4 @@
-"""Triton adapter for the latent cache (lookup before the UNet, admission after it).
+"""Triton adapter for the latent cache (lookup before the UNet, admission after it, admin).
 
 The cache lives in this model's process: keep instance count 1 so every
 request sees the same cache.
@@ -7,19 +7,21 @@ request sees the same cache.
 import triton_python_backend_utils as pb_utils
 
 from nirvana import admin, backend
+from nirvana.cache_step import CacheStep
 from nirvana.config import CacheConfig, parse_parameters
 from nirvana.metrics import CacheMetrics
-from nirvana.pipeline import CacheStep
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = parse_parameters(CacheConfig, backend.model_config(args))
         self.step = CacheStep(backend.version_dir(args), config, backend.device_for(args),
-                              admin_key=admin.server_key())
+                              admin_key=admin.server_key(), log=pb_utils.Logger.log_error)
         self.metrics = CacheMetrics(pb_utils)
         report = self.step.restore_report
-        if report.get("snapshot") or report.get("problems"):
+        if report.get("problems"):
+            pb_utils.Logger.log_warn(f"latent_cache restored with problems (each skipped): {report}")
+        elif report.get("snapshot") or report.get("journal_records"):
             pb_utils.Logger.log_info(f"latent_cache restored {report}")
 
     def execute(self, requests):
@@ -28,6 +30,5 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
-        # A clean shutdown persists everything admitted since the last periodic snapshot.
-        self.step.maybe_snapshot(force=True)
-        self.step.cache.close()
+        # A clean shutdown writes a final snapshot of everything the journal holds.
+        self.step.close()

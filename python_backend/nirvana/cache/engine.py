@@ -9,13 +9,14 @@ leaves the index once it has no state left.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import hashlib
 import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Hashable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Hashable, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -66,6 +67,48 @@ class LookupResult:
     save_steps: Tuple[int, ...] = ()
 
 
+@dataclass
+class StateRecord:
+    """One cached state as persistence sees it: its step, usage statistics and tensor."""
+
+    step: int
+    stats: StateStats
+    tensor: torch.Tensor
+
+
+@dataclass
+class EntryRecord:
+    """One cached entry with its states: what :meth:`LatentCache.export_entries` yields and
+    :meth:`LatentCache.import_entries` takes (snapshots, the journal, replicas)."""
+
+    entry_id: int
+    key: CacheKey
+    embedding: np.ndarray
+    states: List[StateRecord]
+
+
+@dataclass
+class ImportReport:
+    """What :meth:`LatentCache.import_entries` did. ``entries``/``states`` count what is in the
+    cache afterwards, not what was offered."""
+
+    entries: int = 0
+    states: int = 0
+    offered_states: int = 0
+    dropped_by_budget: int = 0  # did not fit the configured tiers (lowest scores first)
+    dropped_other_steps: int = 0  # steps the configuration does not cache (or exact_hit off)
+    duplicates: int = 0  # an entry with the same exact-hit key was already cached
+    problems: List[str] = field(default_factory=list)
+
+    def as_dict(self) -> Dict[str, object]:
+        return dict(self.__dict__)
+
+
+# What the cache tells its listener (the journal) after each change:
+#   ("put", EntryRecord with the one stored state), ("forget", entry_id, step), ("flush", tenant or None).
+ChangeListener = Callable[[tuple], None]
+
+
 @dataclass(slots=True)
 class _Entry:
     entry_id: int
@@ -109,6 +152,7 @@ class LatentCache:
         self.tenant_counters: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.synthetic_entries = 0
         self.fill_report: Dict[str, object] = {}
+        self.listener: Optional[ChangeListener] = None  # persistence hooks in here (see nirvana.cache.persistence)
         if config.synthetic_entries:  # benchmark only (perf/cache_cost.py)
             self.fill_synthetic(config.synthetic_entries, steps=config.synthetic_steps or None)
 
@@ -217,6 +261,10 @@ class LatentCache:
             dtype = torch.float32 if step == FINAL else None
             dropped = self.store.put((entry_id, step), tensor, self._score(stats), dtype)
             stored += 1
+            if self.listener is not None and (entry_id, step) not in dropped:
+                stored_tensor = self.store.get((entry_id, step))
+                self.listener(("put", EntryRecord(entry_id, key, entry.embedding,
+                                                  [StateRecord(step, dataclasses.replace(stats), stored_tensor)])))
             for victim in dropped:
                 self.counters["evicted_states"] += 1
                 if victim == (entry_id, step):
@@ -226,8 +274,10 @@ class LatentCache:
         return stored
 
     def _forget_state(self, entry_id: int, step: int) -> None:
-        self._stats.pop((entry_id, step), None)
+        known = self._stats.pop((entry_id, step), None) is not None
         self.store.remove((entry_id, step))
+        if known and self.listener is not None:
+            self.listener(("forget", entry_id, step))
         entry = self._entries.get(entry_id)
         if entry is None:
             return
@@ -247,60 +297,119 @@ class LatentCache:
             How many entries were dropped.
         """
         doomed = [e for e in self._entries.values() if tenant is None or e.key.tenant == tenant]
-        for entry in doomed:
-            for step in list(entry.steps):
-                self._forget_state(entry.entry_id, step)
-                self.counters["flushed_states"] += 1
+        listener, self.listener = self.listener, None  # one "flush" record instead of one per state
+        try:
+            self._flush_entries(doomed)
+        finally:
+            self.listener = listener
+        if listener is not None:
+            listener(("flush", tenant))
         if tenant is None:
             self.tenant_counters.clear()
         else:
             self.tenant_counters.pop(tenant, None)
         return len(doomed)
 
-    # -- persistence ----------------------------------------------------------------------------
+    def _flush_entries(self, doomed: List[_Entry]) -> None:
+        for entry in doomed:
+            for step in list(entry.steps):
+                self._forget_state(entry.entry_id, step)
+                self.counters["flushed_states"] += 1
 
-    def snapshot(self, root: Path, keep: Optional[int] = None) -> Path:
-        """Write an atomic, checksummed snapshot under ``root`` (see :mod:`nirvana.cache.snapshot`).
+    # -- persistence (public: snapshots, the journal and replicas use only this) ---------------
 
-        Args:
-            keep: Snapshots left on disk, this one included (default: the newest two).
-        """
-        from nirvana.cache.snapshot import KEEP, write_snapshot
-
-        return write_snapshot(self, root, KEEP if keep is None else keep)
-
-    def restore(self, root: Path) -> Dict[str, object]:
-        """Load the newest valid snapshot under ``root``; returns what was loaded and skipped."""
-        from nirvana.cache.snapshot import load_snapshot
-
-        return load_snapshot(self, root)
-
-    def _clock_value(self) -> int:
+    @property
+    def clock(self) -> int:
+        """The logical clock of the usage statistics (last value handed out)."""
         return max([s.last_used for s in self._stats.values()] + [s.inserted for s in self._stats.values()] + [0])
 
-    def _restore(self, meta: Mapping, embeddings: np.ndarray, tensors: Mapping[str, torch.Tensor]) -> Tuple[int, int]:
-        entries = states = 0
-        for row, item in enumerate(meta["entries"]):
-            key = CacheKey(**item["key"])
-            kept = [(s["step"], s["stats"]) for s in item["steps"] if f"e{item['id']}_s{s['step']}" in tensors]
-            if not kept or key.digest() in self._by_digest:
+    def export_entries(self) -> List[EntryRecord]:
+        """Every real entry with its stored states (synthetic benchmark entries left out).
+
+        Tensors are the stored ones, not copies: a memory tier never changes a stored tensor in
+        place (a put stores a new one), so a caller may serialize them after releasing its lock.
+        Statistics are copies."""
+        out = []
+        for entry in self._entries.values():
+            if entry.synthetic:
                 continue
-            entry_id = int(item["id"])
-            self._entries[entry_id] = _Entry(entry_id, key, np.asarray(embeddings[row], dtype=np.float32))
-            self._by_digest[key.digest()] = entry_id
-            self.index.add(key.namespace, entry_id, embeddings[row])
-            entries += 1
-            for step, stats in kept:
-                stats = StateStats(**stats)
-                self._stats[(entry_id, step)] = stats
-                self._entries[entry_id].steps.add(step)
-                tensor = tensors[f"e{entry_id}_s{step}"]
-                for victim in self.store.put((entry_id, step), tensor, self._score(stats), tensor.dtype):
+            states = []
+            for step in sorted(entry.steps):
+                tensor = self.store.get((entry.entry_id, step))
+                stats = self._stats.get((entry.entry_id, step))
+                if tensor is not None and stats is not None:
+                    states.append(StateRecord(step, dataclasses.replace(stats), tensor))
+            if states:
+                out.append(EntryRecord(entry.entry_id, entry.key, entry.embedding, states))
+        return out
+
+    def import_entries(self, records: Iterable[EntryRecord], clock: int = 0, merge: bool = False) -> ImportReport:
+        """Add entries written by another cache, possibly configured differently; never raises.
+
+        What fits is kept in this cache's eviction order: states are offered best first by this
+        cache's policy, so when budgets are smaller the lowest-scoring ones are the ones dropped.
+        States at steps this configuration does not cache are skipped (final latents too, when
+        exact hits are off); an entry whose exact-hit key is already cached is skipped as a whole,
+        or with ``merge`` (journal replay) gets the offered states added. Entry ids are kept when
+        free (so a journal written against them replays), else renumbered.
+
+        Returns:
+            An :class:`ImportReport`; its ``entries`` and ``states`` count what the cache holds
+            afterwards of what was imported.
+        """
+        report = ImportReport()
+        candidates: List[Tuple[Tuple, EntryRecord, StateRecord]] = []
+        ids: Dict[int, int] = {}
+        for record in records:
+            try:
+                report.offered_states += len(record.states)
+                existing = self._by_digest.get(record.key.digest())
+                if existing is not None and not merge:
+                    report.duplicates += 1
+                    continue
+                if existing is not None:
+                    ids[record.entry_id] = existing
+                wanted = set(self.save_steps(record.key.steps)) | ({FINAL} if self.config.exact_hit else set())
+                for state in record.states:
+                    if state.step not in wanted:
+                        report.dropped_other_steps += 1
+                        continue
+                    candidates.append((self._score(state.stats), record, state))
+            except (AttributeError, TypeError, ValueError) as exc:
+                report.problems.append(f"entry {getattr(record, 'entry_id', '?')}: {exc}; skipped")
+        candidates.sort(key=lambda c: c[0], reverse=True)
+        imported: set = set(ids.values())
+        for score, record, state in candidates:
+            try:
+                entry_id = ids.get(record.entry_id)
+                if entry_id is None or entry_id not in self._entries:  # new, or all its states evicted meanwhile
+                    if entry_id is None:
+                        entry_id = record.entry_id if record.entry_id not in self._entries else next(self._ids)
+                        ids[record.entry_id] = entry_id
+                    digest = record.key.digest()
+                    self._entries[entry_id] = _Entry(entry_id, record.key, np.asarray(record.embedding, np.float32))
+                    self._by_digest[digest] = entry_id
+                    self.index.add(record.key.namespace, entry_id, self._entries[entry_id].embedding)
+                    imported.add(entry_id)
+                self._stats[(entry_id, state.step)] = dataclasses.replace(state.stats)
+                self._entries[entry_id].steps.add(state.step)
+                dtype = torch.float32 if state.step == FINAL else None
+                for victim in self.store.put((entry_id, state.step), state.tensor, score, dtype):
+                    report.dropped_by_budget += 1
                     self._forget_state(*victim)
-                states += 1
+            except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+                report.problems.append(f"entry {record.entry_id} step {state.step}: {exc!r}; skipped")
+                if ids.get(record.entry_id) in self._entries and state.step in self._entries[ids[record.entry_id]].steps:
+                    self._forget_state(ids[record.entry_id], state.step)
         self._ids = itertools.count(max(self._entries, default=0) + 1)
-        self._clock = itertools.count(int(meta.get("clock", 0)) + 1)
-        return entries, states
+        self._clock = itertools.count(max(self.clock, int(clock)) + 1)
+        report.entries = sum(1 for e in imported if e in self._entries)
+        report.states = sum(len(self._entries[e].steps) for e in imported if e in self._entries)
+        return report
+
+    def forget(self, entry_id: int, step: int) -> None:
+        """Drop one state (the journal replays evictions with this); unknown ones are ignored."""
+        self._forget_state(entry_id, step)
 
     # -- introspection --------------------------------------------------------------------------
 

@@ -1,19 +1,22 @@
-"""Atomic, checksummed snapshots of a :class:`~nirvana.cache.engine.LatentCache`.
+"""Atomic, checksummed, versioned snapshots of a :class:`~nirvana.cache.engine.LatentCache`.
 
 Layout under the snapshot root::
 
     CURRENT                  "<snapshot name> <sha256 of its manifest>", replaced atomically
     snap-<time>-<n>/         one complete snapshot (written as *.partial, then renamed)
-        manifest.json        sha256 of every other file
-        entries.json         keys, cached steps and usage statistics
+        manifest.json        format and sha256 of every other file
+        entries.json         keys, cached steps and usage statistics; the journal segment that follows
         embeddings.npy       one row per entry
         states-<i>.safetensors  noise states, in shards
+    journal-<n>.log          admissions and evictions since (see :mod:`nirvana.cache.journal`)
 
 A crash while writing leaves a ``.partial`` folder that is never loaded, and
 CURRENT still names the previous snapshot. On restore, a file whose checksum
 does not match is reported and skipped: a bad state shard loses only its
-states, a bad manifest or entry file makes the loader fall back to the previous
-snapshot. Nothing unverified is ever served.
+states, a bad manifest or entry file (or a format this build does not read)
+makes the loader fall back to the previous snapshot. Nothing unverified is
+ever served. Only the engine's public persistence API is used
+(:meth:`LatentCache.export_entries`, :meth:`LatentCache.import_entries`).
 """
 
 from __future__ import annotations
@@ -25,16 +28,16 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-if TYPE_CHECKING:  # pragma: no cover
-    from nirvana.cache.engine import LatentCache
+from nirvana.cache.engine import CacheKey, EntryRecord, StateRecord
+from nirvana.cache.policy import StateStats
 
-FORMAT = 1
+FORMAT = 2  # 2: journal_from in entries.json, format checked on load (1 had neither)
 STATES_PER_SHARD = 1024
 KEEP = 2  # snapshots kept on disk (the newest and one to fall back to)
 
@@ -54,8 +57,23 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def write_snapshot(cache: "LatentCache", root: Path, keep: int = KEEP) -> Path:
-    """Write a complete snapshot of ``cache`` under ``root`` and make it CURRENT.
+def state_blob_name(entry_id: int, step: int) -> str:
+    """The one name of a state inside a snapshot's shards."""
+    return f"e{entry_id}_s{step}"
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """What a snapshot holds: the entries, the cache clock and the journal segment that follows it."""
+
+    records: List[EntryRecord]
+    clock: int = 0
+    journal_from: int = 0
+
+
+def write_snapshot(snapshot: Snapshot, root: Path, keep: int = KEEP) -> Path:
+    """Write ``snapshot`` under ``root`` and make it CURRENT (safe to call off the request path:
+    it touches only ``snapshot``, which :meth:`LatentCache.export_entries` made).
 
     Args:
         keep: Complete snapshots left on disk, this one included (1 after a flush, so
@@ -70,28 +88,22 @@ def write_snapshot(cache: "LatentCache", root: Path, keep: int = KEEP) -> Path:
     partial = root / (name + ".partial")
     partial.mkdir()
     entries, embeddings, states = [], [], []
-    for entry in cache._entries.values():
+    dim = 0
+    for record in snapshot.records:
+        dim = len(record.embedding)
         steps = []
-        for step in sorted(entry.steps):
-            tensor = cache.store.get((entry.entry_id, step))
-            stats = cache._stats.get((entry.entry_id, step))
-            if tensor is None or stats is None:
-                continue
-            steps.append({"step": step, "stats": dataclasses.asdict(stats), "dtype": str(tensor.dtype)})
-            states.append((f"e{entry.entry_id}_s{step}", tensor.detach().to("cpu").contiguous()))
-        if steps:
-            entries.append({"id": entry.entry_id, "key": dataclasses.asdict(entry.key), "steps": steps})
-            embeddings.append(entry.embedding)
-    files: Dict[str, str] = {}
-    _fsync_write(partial / "entries.json", json.dumps({"format": FORMAT, "entries": entries,
-                                                       "clock": cache._clock_value()}).encode())
-    np.save(partial / "embeddings.npy", np.stack(embeddings) if embeddings
-            else np.zeros((0, cache.index.dim), np.float32))
+        for state in record.states:
+            steps.append({"step": state.step, "stats": dataclasses.asdict(state.stats), "dtype": str(state.tensor.dtype)})
+            states.append((state_blob_name(record.entry_id, state.step), state.tensor.detach().to("cpu").contiguous()))
+        entries.append({"id": record.entry_id, "key": dataclasses.asdict(record.key), "steps": steps})
+        embeddings.append(np.asarray(record.embedding, np.float32))
+    _fsync_write(partial / "entries.json", json.dumps({"format": FORMAT, "entries": entries, "clock": snapshot.clock,
+                                                       "journal_from": snapshot.journal_from}).encode())
+    np.save(partial / "embeddings.npy", np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float32))
     for i in range(0, len(states), STATES_PER_SHARD):
         shard = partial / f"states-{i // STATES_PER_SHARD:05d}.safetensors"
         save_file(dict(states[i:i + STATES_PER_SHARD]), str(shard))
-    for path in sorted(partial.iterdir()):
-        files[path.name] = _sha256(path)
+    files = {path.name: _sha256(path) for path in sorted(partial.iterdir())}
     manifest = json.dumps({"format": FORMAT, "files": files}, sort_keys=True).encode()
     _fsync_write(partial / "manifest.json", manifest)
     final = root / name
@@ -99,8 +111,18 @@ def write_snapshot(cache: "LatentCache", root: Path, keep: int = KEEP) -> Path:
     current_tmp = root / "CURRENT.tmp"
     _fsync_write(current_tmp, f"{name} {hashlib.sha256(manifest).hexdigest()}\n".encode())
     os.replace(current_tmp, root / "CURRENT")
+    _fsync_dir(root)
     _prune(root, final, keep)
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX: the directory entry needs its own fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _prune(root: Path, newest: Path, keep: int) -> None:
@@ -114,44 +136,57 @@ def _prune(root: Path, newest: Path, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _candidates(root: Path) -> List[Tuple[Path, str]]:
+def _candidates(root: Path, problems: List[str]) -> List[Tuple[Path, str]]:
     """Snapshots to try, CURRENT first (with its manifest hash), then older complete ones."""
     found: List[Tuple[Path, str]] = []
     current = root / "CURRENT"
     if current.exists():
         parts = current.read_text(errors="replace").split()
-        if len(parts) == 2:
+        if len(parts) == 2 and parts[0].startswith("snap-") and "/" not in parts[0]:
             found.append((root / parts[0], parts[1]))
+        else:
+            problems.append("CURRENT is unreadable; trying the snapshots on disk, newest first")
     older = sorted((p for p in root.glob("snap-*") if p.is_dir() and not p.name.endswith(".partial")),
                    key=lambda p: p.name, reverse=True)
-    found += [(p, "") for p in older if all(p != f for f, _ in found)]
+    # Then every complete snapshot, newest first, checked by its own manifest alone: the one
+    # CURRENT names comes again, for when CURRENT itself is what got damaged.
+    found += [(p, "") for p in older]
     return found
 
 
-def load_snapshot(cache: "LatentCache", root: Path) -> Dict[str, object]:
-    """Restore the newest valid snapshot under ``root`` into an empty ``cache``.
+@dataclasses.dataclass
+class LoadedSnapshot:
+    """A verified snapshot read from disk (its states minus any corrupt shard's)."""
 
-    Returns:
-        A report: which snapshot was loaded, entries and states restored, and the
-        problems found (corrupt or missing files), each skipped.
-    """
+    name: Optional[str]
+    snapshot: Snapshot
+    problems: List[str]
+
+
+def read_snapshot(root: Path) -> LoadedSnapshot:
+    """The newest valid snapshot under ``root`` (CURRENT first, then older complete ones);
+    an empty one when there is none. Never raises for what is on disk: every problem found
+    (missing or corrupt files, an unknown format) is reported and that file or snapshot skipped."""
     root = Path(root)
-    report: Dict[str, object] = {"snapshot": None, "entries": 0, "states": 0, "problems": []}
-    problems: List[str] = report["problems"]  # type: ignore[assignment]
+    problems: List[str] = []
     if not root.exists():
-        return report
-    for folder, manifest_hash in _candidates(root):
+        return LoadedSnapshot(None, Snapshot([]), problems)
+    for folder, manifest_hash in _candidates(root, problems):
         try:
             manifest_bytes = (folder / "manifest.json").read_bytes()
             if manifest_hash and hashlib.sha256(manifest_bytes).hexdigest() != manifest_hash:
                 raise ValueError("manifest.json does not match CURRENT")
-            files = json.loads(manifest_bytes)["files"]
+            manifest = json.loads(manifest_bytes)
+            if manifest.get("format") != FORMAT:
+                raise ValueError(f"snapshot format {manifest.get('format')!r} is not the one this build reads "
+                                 f"({FORMAT})")
+            files = manifest["files"]
             for name in ("entries.json", "embeddings.npy"):
                 if _sha256(folder / name) != files.get(name):
                     raise ValueError(f"{name} failed its checksum")
             meta = json.loads((folder / "entries.json").read_text())
             embeddings = np.load(folder / "embeddings.npy")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             problems.append(f"{folder.name}: {exc}; skipped")
             continue
         tensors: Dict[str, torch.Tensor] = {}
@@ -164,7 +199,12 @@ def load_snapshot(cache: "LatentCache", root: Path) -> Dict[str, object]:
                 tensors.update(load_file(str(folder / name)))
             except (OSError, ValueError) as exc:
                 problems.append(f"{folder.name}/{name}: {exc}; its states skipped")
-        restored_entries, restored_states = cache._restore(meta, embeddings, tensors)
-        report.update(snapshot=folder.name, entries=restored_entries, states=restored_states)
-        return report
-    return report
+        records = []
+        for row, item in enumerate(meta["entries"]):
+            states = [StateRecord(s["step"], StateStats(**s["stats"]), tensors[blob])
+                      for s in item["steps"] if (blob := state_blob_name(item["id"], s["step"])) in tensors]
+            if states:
+                records.append(EntryRecord(int(item["id"]), CacheKey(**item["key"]), embeddings[row], states))
+        return LoadedSnapshot(folder.name, Snapshot(records, int(meta.get("clock", 0)), int(meta.get("journal_from", 0))),
+                              problems)
+    return LoadedSnapshot(None, Snapshot([]), problems)

@@ -1,0 +1,186 @@
+"""Durability of a :class:`~nirvana.cache.engine.LatentCache` off the request path.
+
+A snapshot (see :mod:`nirvana.cache.snapshot`) plus the journal of every change since
+(see :mod:`nirvana.cache.journal`), like Redis's RDB + AOF:
+
+* **restore** loads the newest valid snapshot into the (possibly differently configured)
+  cache, then replays the journal segments that follow it. It never raises: whatever
+  cannot be read is reported and skipped, and the worst case is an empty cache.
+* while serving, the cache reports each change to the journal (queued; the writer thread
+  does the I/O). With ``appendfsync=always`` an admission waits for its fsync
+  (:meth:`CachePersistence.sync`) before it is acknowledged.
+* **compaction** runs in a background thread every ``interval_s``: the cache is captured
+  under its lock (metadata copies and references to the stored tensors, no I/O), the
+  journal moves to a new segment at the same instant, and the snapshot is written without
+  the lock. Once it is CURRENT the older segments are deleted.
+
+Requests wait only for the capture, never for a snapshot being written.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from nirvana.cache.engine import LatentCache
+from nirvana.cache.journal import Journal, read_segment, segments
+from nirvana.cache.snapshot import KEEP, Snapshot, read_snapshot, write_snapshot
+
+
+class CachePersistence:
+    """Restore, journal and compaction of one cache under ``root``.
+
+    Args:
+        lock: The lock every user of ``cache`` holds (the cache is not thread-safe).
+        appendfsync: ``always``, ``everysec`` or ``off`` (see :mod:`nirvana.cache.journal`).
+        interval_s: Seconds between compactions (only when something changed); < 0: only at
+            :meth:`close`; 0: after every change (tests).
+        log: Where problems found in the background are reported (the Triton logger in the model).
+    """
+
+    def __init__(self, cache: LatentCache, root: Path, lock: threading.Lock, appendfsync: str = "everysec",
+                 interval_s: float = 60.0, log: Optional[Callable[[str], None]] = None):
+        self.cache = cache
+        self.root = Path(root)
+        self.lock = lock
+        self.appendfsync = appendfsync
+        self.interval_s = interval_s
+        self.log = log or (lambda message: None)
+        self.journal: Optional[Journal] = None
+        self.last_compaction: Dict[str, object] = {}
+        self.compactions = 0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._compacting = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+
+    # -- start-up ------------------------------------------------------------------------------------
+
+    def restore(self) -> Dict[str, object]:
+        """Load the snapshot and replay the journal into the cache; never raises.
+
+        Returns:
+            snapshot (name or None), entries and states in the cache afterwards, what was
+            dropped and why, journal records replayed, and every problem found."""
+        report: Dict[str, object] = {"snapshot": None, "entries": 0, "states": 0, "journal_records": 0,
+                                     "dropped_by_budget": 0, "dropped_other_steps": 0, "problems": []}
+        problems: List[str] = report["problems"]  # type: ignore[assignment]
+        try:
+            loaded = read_snapshot(self.root)
+            problems += loaded.problems
+            report["snapshot"] = loaded.name
+            imported = self.cache.import_entries(loaded.snapshot.records, loaded.snapshot.clock)
+            problems += imported.problems
+            report["dropped_by_budget"] = imported.dropped_by_budget
+            report["dropped_other_steps"] = imported.dropped_other_steps
+            for seq, path in segments(self.root):
+                if seq < loaded.snapshot.journal_from:
+                    continue
+                changes, stopped = read_segment(path)
+                if stopped:
+                    problems.append(stopped)
+                for change in changes:
+                    self._apply(change, report)
+                report["journal_records"] = int(report["journal_records"]) + len(changes)
+        except Exception as exc:  # noqa: BLE001 - a restore must never fail the model load
+            problems.append(f"restore failed ({type(exc).__name__}: {exc}); starting with an empty cache")
+            self.cache.flush()
+        stats = self.cache.stats()
+        report["entries"], report["states"] = stats["entries"], stats["states"]
+        return report
+
+    def _apply(self, change: tuple, report: Dict[str, object]) -> None:
+        op = change[0]
+        if op == "put":
+            imported = self.cache.import_entries([change[1]], merge=True)
+            report["dropped_by_budget"] = int(report["dropped_by_budget"]) + imported.dropped_by_budget
+            report["dropped_other_steps"] = int(report["dropped_other_steps"]) + imported.dropped_other_steps
+            report["problems"] += imported.problems  # type: ignore[operator]
+        elif op == "forget":
+            self.cache.forget(change[1], change[2])
+        elif op == "flush":
+            self.cache.flush(change[1])
+
+    def start(self) -> None:
+        """Journal every change from now on and compact in the background."""
+        numbers = [seq for seq, _ in segments(self.root)]
+        self.journal = Journal(self.root, self.appendfsync, first_segment=max(numbers, default=0) + 1)
+        self.cache.listener = self._on_change
+        if self.interval_s >= 0:
+            self._thread = threading.Thread(target=self._run, name="nirvana-compaction", daemon=True)
+            self._thread.start()
+
+    # -- serving -------------------------------------------------------------------------------------
+
+    def _on_change(self, change: tuple) -> None:
+        self.journal.append(change)
+        if self.interval_s == 0:
+            self._wake.set()
+
+    def sync(self) -> None:
+        """With ``always``: wait until every change so far is fsynced (call it before
+        acknowledging an admission, without the cache's lock). Otherwise a no-op."""
+        if self.journal is not None and self.appendfsync == "always":
+            self.journal.sync()
+
+    def compact(self, keep: Optional[int] = None) -> Optional[Path]:
+        """Snapshot the cache now and drop the journal segments it makes redundant.
+
+        Args:
+            keep: Snapshots left on disk (1 after a flush, so flushed states do not linger).
+        Returns:
+            The snapshot folder."""
+        with self._compacting:  # one compaction at a time (background, admin, shutdown)
+            began = time.perf_counter()
+            with self.lock:
+                records = self.cache.export_entries()
+                clock = self.cache.clock
+                journal_from = self.journal.rotate() if self.journal is not None else 0
+            captured = time.perf_counter()
+            path = write_snapshot(Snapshot(records, clock, journal_from), self.root, KEEP if keep is None else keep)
+            if self.journal is not None:
+                self.journal.remove_before(journal_from)
+            self.compactions += 1
+            self.last_compaction = {"snapshot": path.name, "entries": len(records),
+                                    "states": sum(len(r.states) for r in records),
+                                    "capture_seconds": captured - began,
+                                    "write_seconds": time.perf_counter() - captured}
+            return path
+
+    def _dirty(self) -> bool:
+        return self.journal is not None and self.journal.records_since_rotate > 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=self.interval_s if self.interval_s > 0 else None)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            if self._dirty():
+                try:
+                    self.compact()
+                except Exception as exc:  # noqa: BLE001 - the journal still holds every change
+                    self.log(f"latent_cache: background snapshot failed ({type(exc).__name__}: {exc}); "
+                             f"the journal keeps every change, retrying in {self.interval_s:.0f}s")
+
+    def stats(self) -> Dict[str, object]:
+        return {"root": str(self.root), "appendfsync": self.appendfsync, "interval_s": self.interval_s,
+                "compactions": self.compactions, "last_compaction": self.last_compaction,
+                "journal_segment": self.journal.segment if self.journal else None,
+                "journal_records_since_snapshot": self.journal.records_since_rotate if self.journal else 0}
+
+    def close(self) -> None:
+        """Stop the background compaction, write a final snapshot, close the journal."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=120)
+        try:
+            if self._dirty():
+                self.compact()
+        finally:
+            if self.journal is not None:
+                self.cache.listener = None
+                self.journal.close()
