@@ -100,3 +100,21 @@ def test_bad_input_and_a_passed_deadline_are_refused_before_anything_is_held(ste
     expiring = Responder()
     step_mode.submit(request(spec, 2, steps=200, deadline_ns=time.time_ns() + 200_000_000), expiring)
     assert isinstance(expiring.wait(), DeadlineExceeded)
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp", "lms"])
+def test_a_multistep_solver_neither_hands_out_states_nor_resumes_from_one(repository, scheduler):
+    directory = repository / "unet_loop" / "1"
+    step = UNetLoopStep(directory, UNetLoopConfig(batching="execute", scheduler=scheduler))
+    spec = PipelineSpec.load(directory)
+    assert not step.resumes_from_cache
+    full, exact = step.execute([request(spec, 1), request(spec, 2, start=6)])
+    assert full["CHECKPOINT_STEPS"].tolist() == [[0, 0, 0]]  # nothing to admit but the final latents
+    assert exact["FINAL_LATENTS"].shape == full["FINAL_LATENTS"].shape  # an exact hit still passes
+    with pytest.raises(InvalidInput, match=rf"START_STEP: unet_loop's scheduler '{scheduler}' cannot resume"):
+        step.jobs_for(request(spec, 3, start=2))
+
+
+def test_stateless_schedulers_resume_from_cache(steps):
+    step_mode, execute_mode, _ = steps
+    assert step_mode.resumes_from_cache and execute_mode.resumes_from_cache

@@ -25,6 +25,7 @@ from nirvana.cache import CacheKey, LatentCache, LookupResult
 from nirvana.cache.engine import APPROXIMATE, DISABLED
 from nirvana.config import CacheConfig, OnnxModelConfig, PipelineSpec, RequestDefaults, UNetLoopConfig
 from nirvana.onnx_session import OnnxModel
+from nirvana.schedulers import history_length, make_scheduler
 from nirvana.text import PromptTokenizer
 from nirvana.step_engine import DeadlineExceeded, StepEngine, Ticket
 from nirvana.unet_loop import DenoiseJob, DenoiseResult, StepRangeLoop
@@ -197,6 +198,11 @@ class UNetLoopStep:
         self.config = config
         self.unet = OnnxModel(Path(directory) / "unet.onnx", config.execution_provider, config.intra_op_threads)
         self.loop = StepRangeLoop(self._predict_noise, config.scheduler, self.spec.scheduler_config)
+        # A multistep solver (dpmpp, lms) resumes exactly only with its history, which does not
+        # travel through the ensemble: with one, no intermediate state is handed out for caching
+        # and resuming from one is refused (exact hits, the final latents, still work).
+        self.resumes_from_cache = history_length(
+            config.scheduler, make_scheduler(config.scheduler, self.spec.scheduler_config)) == 0
         self.engine: Optional[StepEngine] = None
         if config.batching == "step":
             self.engine = StepEngine(self.loop, config.max_active_rows, config.max_pending_rows,
@@ -296,7 +302,13 @@ class UNetLoopStep:
         for i in range(rows):
             if not 0 <= int(start[i]) <= int(steps[i]):
                 raise rq.InvalidInput("START_STEP", f"{int(start[i])} is outside 0..STEPS ({int(steps[i])})")
-            save = tuple(int(k) for k in inputs["SAVE_STEPS"][i] if 0 < int(k) < int(steps[i]))
+            if not self.resumes_from_cache and 0 < int(start[i]) < int(steps[i]):
+                raise rq.InvalidInput("START_STEP", f"unet_loop's scheduler {self.config.scheduler!r} cannot resume "
+                                      f"from a cached state at step {int(start[i])}: its solver history does not "
+                                      f"travel through the ensemble, so the result would be silently approximate. "
+                                      f"Use scheduler ddim or euler for approximate caching")
+            save = tuple(int(k) for k in inputs["SAVE_STEPS"][i] if 0 < int(k) < int(steps[i])) \
+                if self.resumes_from_cache else ()
             latents, hidden, negative = (inputs[n][i] for n in ("LATENTS", "HIDDEN_STATES", "NEGATIVE_HIDDEN_STATES"))
             jobs.append(DenoiseJob(
                 latents=as_tensor(latents), prompt_embeds=as_tensor(hidden), negative_embeds=as_tensor(negative),

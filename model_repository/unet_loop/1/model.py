@@ -20,6 +20,10 @@ class TritonPythonModel:
         self.step = UNetLoopStep(backend.version_dir(args), config,
                                  on_engine_tick=metrics.publish if metrics else None,
                                  log_error=pb_utils.Logger.log_error)
+        if not self.step.resumes_from_cache:
+            pb_utils.Logger.log_warn(f"unet_loop: scheduler {config.scheduler!r} keeps a solver history that the "
+                                     f"cache does not carry; approximate caching is off (no intermediate states "
+                                     f"are admitted, resuming from one is refused), exact hits still work")
 
     def execute(self, requests):
         if self.step.engine is None:
