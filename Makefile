@@ -7,6 +7,8 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
+# Where `make serve` keeps the latent cache across restarts (snapshots + journal); empty: no persistence.
+CACHE_DIR ?= data/cache
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -32,7 +34,7 @@ help:
 	@echo "make demo    - install, export the embedded model, serve it, run a few prompts, stop"
 	@echo "make test    - install, export, run unit and integration tests (real tritonserver)"
 	@echo "make test-unit - the unit tests alone (no tritonserver; the inner loop)"
-	@echo "make serve   - run tritonserver in the foreground (HTTP_PORT/GRPC_PORT/METRICS_PORT)"
+	@echo "make serve   - run tritonserver in the foreground (HTTP_PORT/GRPC_PORT/METRICS_PORT); the cache persists in CACHE_DIR=$(CACHE_DIR)"
 	@echo "make export  - export the embedded model into $(REPO)/ (and build/ for the NVIDIA container)"
 	@echo "make perf    - benchmarks; results under perf/results/ (PERF_LEVELS=8 for concurrency 8 alone)"
 	@echo "make soak    - the long soak alone (SOAK_SECONDS=600 at concurrency 8); perf/results/soak.md"
@@ -50,7 +52,7 @@ $(EXPORTED): $(INSTALLED) $(wildcard export/*.py export/container/*/config.pbtxt
 
 serve: $(EXPORTED)
 	$(BIN)/nirvana-serve --model-repository $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
-		$(if $(ADMIN_KEY_FILE),--admin-key-file $(ADMIN_KEY_FILE))
+		$(if $(ADMIN_KEY_FILE),--admin-key-file $(ADMIN_KEY_FILE)) $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR))
 
 demo: $(EXPORTED)
 	$(BIN)/python -m nirvana_client.demo --model-repository $(REPO) --output demo_output

@@ -282,6 +282,10 @@ def main(argv=None) -> int:
                         help=f"file holding the admin key (default: ${admin.ADMIN_KEY_ENV}); turns on the "
                              "cache_admin model and restricts --restricted-apis to requests with header "
                              f"'{admin.ADMIN_HEADER}: <key>'. Without a key, cache_admin refuses everything")
+    parser.add_argument("--cache-dir", type=Path,
+                        help="keep the latent cache here across restarts (snapshots and journal; sets "
+                             "latent_cache's snapshot_path in a run copy of the repository, the committed "
+                             "config is left alone). Default: the config's snapshot_path (empty: no persistence)")
     parser.add_argument("--restricted-apis", default=",".join(admin.RESTRICTED_APIS),
                         help="Triton API categories the admin key restricts (comma-separated; '' for none)")
     args, extra = parser.parse_known_args(argv)
@@ -289,7 +293,10 @@ def main(argv=None) -> int:
         key = (args.admin_key_file.read_text().strip() if args.admin_key_file
                else admin.server_key())
         apis = [a for a in args.restricted_apis.split(",") if a.strip()]
-        server = TritonServer(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
+        repository = args.model_repository
+        if args.cache_dir and (repository / ".exported").exists():
+            repository = with_cache_dir(repository, args.cache_dir)
+        server = TritonServer(repository, args.http_port, args.grpc_port, args.metrics_port,
                               extra_args=extra, admin_key=key, restricted_apis=apis)
     except (OSError, ValueError) as exc:
         print(f"nirvana-serve: {exc}", file=sys.stderr)
@@ -318,7 +325,19 @@ def main(argv=None) -> int:
           f"(Ctrl-C stops it)", file=sys.stderr)
     code = process.wait()
     server.stop()
+    if server.model_repository != args.model_repository.resolve():
+        shutil.rmtree(server.model_repository.parent, ignore_errors=True)  # the run copy (--cache-dir)
     return 128 + received[0] if received else code
+
+
+def with_cache_dir(repository: Path, cache_dir: Path) -> Path:
+    """A run copy of ``repository`` (files hard-linked) whose latent_cache persists under ``cache_dir``."""
+    from nirvana_export.repository import repository_variant
+
+    cache_dir = Path(cache_dir).resolve()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    run_copy = Path(tempfile.mkdtemp(prefix="nirvana-serve-")) / "model_repository"
+    return repository_variant(repository, run_copy, {"latent_cache": {"snapshot_path": str(cache_dir)}})
 
 
 def _start_watchdog(server: TritonServer, interval_s: float) -> None:
