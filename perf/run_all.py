@@ -48,7 +48,7 @@ import numpy as np
 from nirvana.tritonserver import TritonServer
 from nirvana_client.client import infer_inputs
 from nirvana_export.repository import repository_variant
-from nirvana_perf import cache_cost, replay
+from nirvana_perf import cache_cost, persist_latency, replay
 from nirvana_perf.simulate import load_log
 
 MODELS = ("tokenizer", "text_encoder", "latent_cache", "unet_loop", "vae_decoder")
@@ -335,7 +335,9 @@ def main(argv=None) -> int:
     parser.add_argument("--pa-concurrency", default="1:2", help="perf_analyzer --concurrency-range")
     parser.add_argument("--pa-requests", type=int, default=12, help="perf_analyzer sweep: requests per window")
     parser.add_argument("--skip", default="",
-                        help="comma-separated steps to skip: overhead, perf_analyzer, replay, cache_sizes")
+                        help="comma-separated steps to skip: overhead, perf_analyzer, replay, cache_sizes, persistence")
+    parser.add_argument("--persist-states", type=int, default=10_000,
+                        help="persistence step: states in the cache while it is persisted (perf/persist_latency.py)")
     parser.add_argument("--cache-sizes", default="1000,10000,100000,1000000",
                         help="cache cost by size: synthetic entries per server (perf/cache_cost.py; a size the "
                              "machine's memory cannot hold is skipped and reported)")
@@ -436,6 +438,11 @@ def benchmarks(args: argparse.Namespace) -> Dict[str, object]:
             by_size = cache_cost.run(args.model_repository, sizes, args.log, output=args.output / "cache_cost")
             report["cache_cost_by_size"] = by_size
             report["cache_cost_by_size_markdown"] = cache_cost.markdown(by_size)
+    if "persistence" not in skip:
+        print(f"persistence: request latency while a cache of {args.persist_states} states is persisted ...", flush=True)
+        with step_errors(report, "persistence latency"):
+            report["persist_latency"] = persist_latency.run(args.model_repository, states=args.persist_states,
+                                                            output=args.output / "persist_latency")
     return report
 
 
@@ -516,6 +523,8 @@ def render(report: Dict[str, object]) -> str:
     if "cache_cost_by_size_markdown" in report:
         lines += ["", "## Cache cost by cache size (synthetic entries, a server each, under load)", "",
                   report["cache_cost_by_size_markdown"]]
+    if "persist_latency" in report:
+        lines += ["", "## Request latency while the cache is persisted", "", report["persist_latency"]["markdown"]]
     if "perf_analyzer" in report:
         pa = report["perf_analyzer"]
         lines += ["", "## perf_analyzer", "", f"`{pa['command']}`", "",
