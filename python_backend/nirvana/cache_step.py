@@ -190,10 +190,16 @@ class CacheStep:
         self.persistence: Optional[CachePersistence] = None
         self.restore_report: Dict[str, object] = {}
         if config.snapshot_path:
-            self.persistence = CachePersistence(self.cache, Path(config.snapshot_path), self.lock,
-                                                config.appendfsync, config.snapshot_interval_s, log)
-            self.restore_report = self.persistence.restore()  # never raises: the model always loads
-            self.persistence.start()
+            persistence = CachePersistence(self.cache, Path(config.snapshot_path), self.lock,
+                                           config.appendfsync, config.snapshot_interval_s, log)
+            if persistence.acquire():
+                self.persistence = persistence
+                self.restore_report = persistence.restore()  # never raises: the model always loads
+                persistence.start()
+            else:
+                self.restore_report = {"snapshot": None, "entries": 0, "states": 0, "problems": [
+                    f"{config.snapshot_path} is locked by another live process (another server or model instance "
+                    f"on the same snapshot_path); serving WITHOUT persistence"]}
         self.lookup = CacheLookup(self.cache, self.spec, self.counters, self.lock)
         self.admission = CacheAdmission(self.cache, self.counters, self.lock, self.persistence)
         self.admin = CacheAdmin(self.cache, self.lock, self.persistence, admin_key)

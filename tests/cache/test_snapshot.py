@@ -215,3 +215,14 @@ def test_restore_with_other_cache_steps_and_no_exact_hits(tmp_path):
     steps = sorted({s.step for r in again.export_entries() for s in r.states})
     assert steps == [10]
     assert report["dropped_other_steps"] == 9 and report["states"] == 3
+
+
+def test_one_writer_per_directory(tmp_path):
+    first = persistence(LatentCache(CacheConfig(), 8), tmp_path)
+    second = persistence(LatentCache(CacheConfig(), 8), tmp_path)
+    assert first.acquire(timeout_s=0)
+    assert not second.acquire(timeout_s=0.3)  # the same directory, another live writer
+    first.start()
+    first.close()  # releases it
+    assert second.acquire(timeout_s=0)
+    second.close()

@@ -19,6 +19,8 @@ Requests wait only for the capture, never for a snapshot being written.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 import time
 from pathlib import Path
@@ -55,6 +57,26 @@ class CachePersistence:
         self._wake = threading.Event()
         self._compacting = threading.Lock()
         self._thread: Optional[threading.Thread] = None
+        self._lock_fd: Optional[int] = None
+
+    def acquire(self, timeout_s: float = 30.0) -> bool:
+        """Take the directory's exclusive lock (``LOCK``, flock: released by the kernel when the
+        process dies), waiting up to ``timeout_s`` for a previous owner (a model instance being
+        replaced) to let go. Two live writers would interleave journals and delete each other's
+        segments, so without the lock there is no persistence."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock_fd = fd
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(0.2)
 
     # -- start-up ------------------------------------------------------------------------------------
 
@@ -184,3 +206,6 @@ class CachePersistence:
             if self.journal is not None:
                 self.cache.listener = None
                 self.journal.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
