@@ -20,17 +20,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import secrets
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import psutil
+
 from nirvana.tritonserver import TritonServer
 from nirvana_export.repository import repository_variant
+from nirvana_perf import metrics_text
 from nirvana_perf.simulate import load_log
 
 DEFAULT_LOG = Path("perf/data/diffusiondb_sample.jsonl")
@@ -40,26 +41,19 @@ WARMUP = 4  # requests (cache bypassed) before the measured replay, so onnxrunti
 
 
 def _stub_rss(server: TritonServer, model: str) -> Optional[int]:
-    """Resident bytes of the Python-backend stub serving ``model`` (in the server's process group)."""
-    pgid = server.process.pid
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    """Resident bytes of the Python-backend stub serving ``model`` (a descendant of this server)."""
+    for process in psutil.Process(server.process.pid).children(recursive=True):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) != pgid:  # process group
-                continue
-            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if "triton_python_backend_stub" in cmdline and f"/{model}/" in cmdline:
-                for line in (stat.parent / "status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, IndexError, ValueError):
+            argv = process.cmdline()
+            if argv and argv[0].endswith("triton_python_backend_stub") and any(f"/{model}/" in a for a in argv):
+                return process.memory_info().rss
+        except psutil.Error:  # exited since it was listed
             continue
     return None
 
 
 def _lookup_seconds(metrics_port: int) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return sum(float(v) for v in re.findall(r"^nirvana_cache_lookup_seconds_total(?:\{[^}]*\})? (\S+)$", text, re.M))
+    return metrics_text.total(metrics_text.scrape(metrics_port), "nirvana_cache_lookup_seconds_total")
 
 
 def model_statistics(url: str) -> Dict[str, Dict[str, float]]:

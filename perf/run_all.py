@@ -48,7 +48,7 @@ import numpy as np
 from nirvana.tritonserver import TritonServer
 from nirvana_client.client import infer_inputs
 from nirvana_export.repository import repository_variant
-from nirvana_perf import cache_cost, persist_latency, replay
+from nirvana_perf import cache_cost, metrics_text, persist_latency, replay
 from nirvana_perf.simulate import load_log
 
 MODELS = ("tokenizer", "text_encoder", "latent_cache", "unet_loop", "vae_decoder")
@@ -218,16 +218,12 @@ def process_tree_rss(pid: int) -> int:
 
 def cache_metrics(metrics_port: int) -> Tuple[Dict[str, Dict[str, float]], Dict[str, float]]:
     """From one scrape of the metrics port: bytes used and budget per tier, and evictions per tier."""
-    import re
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    samples = metrics_text.scrape(metrics_port)
     tiers: Dict[str, Dict[str, float]] = {}
-    for name, tier, value in re.findall(r'^(nirvana_cache_(?:budget_)?bytes)\{[^}]*tier="(\w+)"[^}]*\} (\S+)$', text, re.M):
-        tiers.setdefault(tier, {})["budget" if "budget" in name else "used"] = float(value)
-    evictions = {tier: float(value) for tier, value in
-                 re.findall(r'^nirvana_cache_evictions_total\{[^}]*tier="(\w+)"[^}]*\} (\S+)$', text, re.M)}
-    return tiers, evictions
+    for name, key in (("nirvana_cache_bytes", "used"), ("nirvana_cache_budget_bytes", "budget")):
+        for tier, value in metrics_text.by_label(samples, name, "tier").items():
+            tiers.setdefault(tier, {})[key] = value
+    return tiers, metrics_text.by_label(samples, "nirvana_cache_evictions_total", "tier")
 
 
 def memory_growth(samples: List[tuple], warmup_s: float) -> Dict[str, object]:
