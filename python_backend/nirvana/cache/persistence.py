@@ -193,14 +193,15 @@ class CachePersistence:
                 "journal_segment": self.journal.segment if self.journal else None,
                 "journal_records_since_snapshot": self.journal.records_since_rotate if self.journal else 0}
 
-    def close(self) -> None:
-        """Stop the background compaction, write a final snapshot, close the journal."""
+    def close(self, final_snapshot: bool = True) -> None:
+        """Stop the background compaction, write a final snapshot (unless ``final_snapshot`` is
+        False: what a crash leaves, for tests), close the journal and release the directory."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=120)
         try:
-            if self._dirty():
+            if final_snapshot and self._dirty():
                 self.compact()
         finally:
             if self.journal is not None:
