@@ -250,3 +250,21 @@ def test_compaction_racing_admissions_loses_nothing(tmp_path):
     got = {(r.key.digest(), s.step): s.tensor for r in again.export_entries() for s in r.states}
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_a_failing_journal_stops_persistence_not_the_cache(tmp_path, monkeypatch):
+    logged = []
+    cache, vectors = filled_cache(1)
+    p = CachePersistence(cache, tmp_path, threading.Lock(), appendfsync="always", interval_s=-1, log=logged.append)
+    p.start()
+
+    def broken(change):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("nirvana.cache.journal.encode", broken)
+    admit(cache, 1, vectors)  # the writer thread fails on this record
+    p.sync()  # an admission's acknowledgement: must not raise
+    admit(cache, 2, vectors)  # nor must later admissions
+    assert p.failed and "No space left" in p.failed and len(logged) == 1
+    assert cache.lookup(vectors[2], key(2)).status == "exact"  # the cache itself serves on
+    p.close()

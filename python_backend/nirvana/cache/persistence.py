@@ -58,6 +58,7 @@ class CachePersistence:
         self._compacting = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self._lock_fd: Optional[int] = None
+        self.failed: Optional[str] = None  # why persistence stopped (then the cache serves on without it)
 
     def acquire(self, timeout_s: float = 30.0) -> bool:
         """Take the directory's exclusive lock (``LOCK``, flock: released by the kernel when the
@@ -137,15 +138,31 @@ class CachePersistence:
     # -- serving -------------------------------------------------------------------------------------
 
     def _on_change(self, change: tuple) -> None:
-        self.journal.append(change)
+        try:
+            self.journal.append(change)
+        except RuntimeError as exc:  # the writer died (disk full, I/O error)
+            self._give_up(exc)
+            return
         if self.interval_s == 0:
             self._wake.set()
+
+    def _give_up(self, exc: BaseException) -> None:
+        """Persistence failed: say so once and keep serving without it (a cache that cannot be
+        written to disk is still a cache; the requests must not fail for it)."""
+        if self.failed is None:
+            self.failed = f"{type(exc).__name__}: {exc}"
+            self.cache.listener = None
+            self.log(f"latent_cache: persistence under {self.root} failed ({self.failed}); serving on WITHOUT "
+                     f"persistence until the model is reloaded")
 
     def sync(self) -> None:
         """With ``always``: wait until every change so far is fsynced (call it before
         acknowledging an admission, without the cache's lock). Otherwise a no-op."""
-        if self.journal is not None and self.appendfsync == "always":
-            self.journal.sync()
+        if self.journal is not None and self.appendfsync == "always" and self.failed is None:
+            try:
+                self.journal.sync()
+            except (RuntimeError, TimeoutError) as exc:
+                self._give_up(exc)
 
     def compact(self, keep: Optional[int] = None) -> Optional[Path]:
         """Snapshot the cache now and drop the journal segments it makes redundant.
@@ -172,7 +189,7 @@ class CachePersistence:
             return path
 
     def _dirty(self) -> bool:
-        return self.journal is not None and self.journal.records_since_rotate > 0
+        return self.journal is not None and self.failed is None and self.journal.records_since_rotate > 0
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -189,7 +206,7 @@ class CachePersistence:
 
     def stats(self) -> Dict[str, object]:
         return {"root": str(self.root), "appendfsync": self.appendfsync, "interval_s": self.interval_s,
-                "compactions": self.compactions, "last_compaction": self.last_compaction,
+                "compactions": self.compactions, "last_compaction": self.last_compaction, "failed": self.failed,
                 "journal_segment": self.journal.segment if self.journal else None,
                 "journal_records_since_snapshot": self.journal.records_since_rotate if self.journal else 0}
 
@@ -206,7 +223,10 @@ class CachePersistence:
         finally:
             if self.journal is not None:
                 self.cache.listener = None
-                self.journal.close()
+                try:
+                    self.journal.close()
+                except RuntimeError as exc:  # its writer had failed: already reported
+                    self._give_up(exc)
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
