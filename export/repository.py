@@ -10,12 +10,11 @@ text_encoder and vae_decoder run on Triton's own onnxruntime backend.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Dict
 
-from nirvana.config import PipelineSpec
+from nirvana.config import PipelineSpec, read_model_config
 
 MODELS = ("tokenizer", "text_encoder", "latent_cache", "unet_loop", "vae_decoder", "txt2img", "cache_admin")
 PIPELINE_MODELS = ("tokenizer", "text_encoder", "latent_cache", "unet_loop", "vae_decoder")
@@ -85,20 +84,36 @@ def repository_variant(source: Path, target: Path, parameters: Dict[str, Dict[st
     """Copy ``source`` to ``target`` (ONNX files hard-linked) and set ``parameters[model][key] = value``.
 
     For runs with other model parameters (tests, soaks) that leave the committed configs alone.
+    Each edited config.pbtxt is parsed as Triton's ``ModelConfig`` protobuf, its ``parameters``
+    set (added when absent, the block too) and written back in protobuf text format, so its
+    comments are lost; the configs of the other models are copied untouched.
+
+    Raises:
+        FileNotFoundError: ``parameters`` names a model without a config.pbtxt in ``source``
+            (checked before anything is written).
+        nirvana.config.ConfigError: A config to edit does not parse.
     """
-    for src in Path(source).rglob("*"):
+    from google.protobuf import text_format
+
+    source, target = Path(source), Path(target)
+    edited = {}
+    for model, values in parameters.items():
+        path = source / model / "config.pbtxt"
+        if not path.is_file():
+            models = sorted(p.parent.name for p in source.glob("*/config.pbtxt"))
+            raise FileNotFoundError(f"cannot set parameters of model {model!r}: {path} does not exist "
+                                    f"(models in {source}: {models})")
+        config = read_model_config(path)
+        for key, value in values.items():
+            config.parameters[key].string_value = str(value)
+        edited[Path(model) / "config.pbtxt"] = text_format.MessageToString(config)
+    for src in source.rglob("*"):
         if src.is_dir() or "__pycache__" in src.parts:
             continue
-        _link_or_copy(src, Path(target) / src.relative_to(source))
-    for model, values in parameters.items():
-        config = Path(target) / model / "config.pbtxt"
-        text = config.read_text()
-        for key, value in values.items():
-            entry = f'{{ key: "{key}" value: {{ string_value: "{value}" }} }}'
-            pattern = re.compile(r'\{ key: "' + re.escape(key) + r'" value: \{ string_value: "[^"]*" \} \}')
-            if pattern.search(text):
-                text = pattern.sub(entry, text)
-            else:
-                text = text.replace("parameters [\n", f"parameters [\n  {entry},\n", 1)
-        config.write_text(text)
-    return Path(target)
+        rel = src.relative_to(source)
+        if rel not in edited:
+            _link_or_copy(src, target / rel)
+    for rel, text in edited.items():
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        (target / rel).write_text(text)
+    return target

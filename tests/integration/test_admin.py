@@ -1,9 +1,7 @@
 """The restricted cache admin surface and per-tenant isolation, against a real tritonserver."""
 
 import json
-import os
 import re
-import signal
 import threading
 import urllib.request
 
@@ -16,8 +14,9 @@ from nirvana.tritonserver import TritonServer
 from nirvana_client import Txt2ImgClient, Txt2ImgError
 from nirvana_client.admin import CacheAdminClient
 from nirvana_client.admin import main as admin_cli
-from tests.integration.test_faults import _stub_pids
+
 from nirvana_export.repository import repository_variant
+from tests.integration.processes import python_stubs
 
 pytestmark = pytest.mark.integration
 
@@ -107,9 +106,8 @@ def test_flush_is_persisted_and_the_watchdog_reloads_latent_cache_with_the_key(a
         before = client.stats()
         # Kill latent_cache's stub: the watchdog must reload it through the restricted
         # repository API, and the reloaded model restores the snapshot without the flushed tenant.
-        group = os.getpgid(admin_server.process.pid)
-        for pid in [p for p in _stub_pids("latent_cache") if os.getpgid(p) == group]:
-            os.kill(pid, signal.SIGKILL)
+        for stub in python_stubs(admin_server, "latent_cache"):
+            stub.kill()
         for _ in range(90):
             if admin_server.watchdog.reloads:
                 break

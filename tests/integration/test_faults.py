@@ -3,7 +3,6 @@
 import os
 import signal
 import threading
-import urllib.request
 
 import pytest
 
@@ -11,6 +10,8 @@ from nirvana.tritonserver import TritonServer
 from nirvana_client import Txt2ImgClient, Txt2ImgError
 from nirvana_client.admin import CacheAdminClient
 from nirvana_export.repository import repository_variant
+from nirvana_perf import metrics_text
+from tests.integration.processes import python_stubs
 
 pytestmark = pytest.mark.integration
 
@@ -67,31 +68,12 @@ def test_cache_metrics_on_the_metrics_port(server):
         client.generate("a tiny robot watering a plant", seed=4, steps=4)
         with pytest.raises(Txt2ImgError):
             client.generate("", steps=4)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("nirvana_"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    exact = [v for k, v in values.items() if k.startswith("nirvana_cache_lookups_total") and 'result="exact"' in k]
-    assert exact and exact[0] >= 1
-    assert any(k.startswith('nirvana_unet_steps_total') and 'kind="saved"' in k and v >= 4 for k, v in values.items())
-    host = [v for k, v in values.items() if k.startswith("nirvana_cache_bytes") and 'tier="host"' in k]
-    budget = [v for k, v in values.items() if k.startswith("nirvana_cache_budget_bytes") and 'tier="host"' in k]
-    assert host and budget and 0 < host[0] <= budget[0]
-
-
-def _stub_pids(model: str):
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            if cmd and b"triton_python_backend_stub" in cmd[0] and any(f"/{model}/".encode() in c for c in cmd):
-                pids.append(int(entry))
-    return pids
+    samples = metrics_text.scrape(server.metrics_port)
+    assert metrics_text.total(samples, "nirvana_cache_lookups_total", result="exact") >= 1
+    assert metrics_text.total(samples, "nirvana_unet_steps_total", kind="saved") >= 4
+    host = metrics_text.total(samples, "nirvana_cache_bytes", tier="host")
+    budget = metrics_text.total(samples, "nirvana_cache_budget_bytes", tier="host")
+    assert 0 < host <= budget
 
 
 def test_a_killed_stub_fails_its_request_and_the_watchdog_reloads_the_model(repository):
@@ -114,10 +96,10 @@ def test_a_killed_stub_fails_its_request_and_the_watchdog_reloads_the_model(repo
             thread = threading.Thread(target=in_flight)
             thread.start()
             threading.Event().wait(1.5)
-            pids = [p for p in _stub_pids("unet_loop") if os.getpgid(p) == os.getpgid(server.process.pid)]
-            assert pids
-            for pid in pids:
-                os.kill(pid, signal.SIGKILL)
+            stubs = python_stubs(server, "unet_loop")
+            assert stubs
+            for stub in stubs:
+                stub.kill()  # SIGKILL; psutil checks the pid still is that stub
             thread.join(timeout=60)
             assert not thread.is_alive() and outcome and outcome[0] != "finished"
             assert "is not healthy" in outcome[0] or "Deadline Exceeded" in outcome[0]
@@ -126,4 +108,6 @@ def test_a_killed_stub_fails_its_request_and_the_watchdog_reloads_the_model(repo
                     break
                 threading.Event().wait(1)
             assert server.watchdog.reloads == ["unet_loop"]
+            fresh = python_stubs(server, "unet_loop")  # the reload started a new stub in this server's tree
+            assert fresh and not {p.pid for p in fresh} & {p.pid for p in stubs}
             assert client.generate("a pear on a plate", seed=1, steps=2).cache_status == "exact"

@@ -1,7 +1,6 @@
 """`nirvana-serve` (what `make serve` runs): serves on the given ports, and Ctrl-C or SIGTERM
 leaves no server or Python-backend stub behind."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -9,46 +8,37 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
+from nirvana.config import read_model_config
 from nirvana.tritonserver import free_port
 
 pytestmark = pytest.mark.integration
 
-
-def _processes(fragment: str):
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
-                state = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if fragment in cmd and state != "Z":
-                found.append(int(entry))
-    return found
+STUB = "triton_python_backend_stub"
 
 
-def _children(pids):
-    """Processes whose parent is one of ``pids`` (a server's Python-backend stubs)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if parent in pids:
-                found.append(int(entry))
-    return found
-
-
-def _alive(pid):
+def _executable(process: psutil.Process) -> str:
+    """The program ``process`` runs ('' once it is gone): comm is cut at 15 characters, argv[0] is not."""
     try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+        argv = process.cmdline()
+    except psutil.NoSuchProcess:  # exited (or a zombie) since it was listed
+        return ""
+    return Path(argv[0]).name if argv else ""
+
+
+def _running(processes):
+    """Those of ``processes`` still running; zombies count as gone. psutil checks that a pid was not
+    reused by another process since it was listed."""
+    alive = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except psutil.NoSuchProcess:  # gone while we looked: not running
+            pass
+    return alive
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -58,6 +48,7 @@ def test_serve_stops_cleanly(repository, signum):
     proc = subprocess.Popen([str(serve), "--model-repository", str(repository), "--http-port", str(http),
                              "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tree = []
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -66,15 +57,25 @@ def test_serve_stops_cleanly(repository, signum):
                     break
             except OSError:
                 time.sleep(1)
-        servers = _processes(f"--http-port={http}")
-        assert servers, "server did not start"
-        stubs = _children(servers)  # this server's own stubs, not those of other servers on the machine
-        assert stubs
+        # Only the processes this test started: another Triton on the machine has stubs too.
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        servers = [p for p in tree if _executable(p) == "tritonserver"]
+        assert len(servers) == 1, f"expected one tritonserver under nirvana-serve, found {tree}"
+        assert f"--http-port={http}" in servers[0].cmdline()
+        stubs = [p for p in servers[0].children(recursive=True) if _executable(p) == STUB]
+        python_models = sorted(path.parent.name for path in repository.glob("*/config.pbtxt")
+                               if read_model_config(path).backend == "python")
+        assert python_models
+        for model in python_models:  # every Python-backend model has its stub in this server's tree
+            assert any(f"/{model}/" in arg for p in stubs for arg in p.cmdline()), (model, stubs)
         proc.send_signal(signum)
         assert proc.wait(timeout=60) == 128 + signum
-        time.sleep(1)
-        assert not _processes(f"--http-port={http}")
-        assert not [pid for pid in stubs if _alive(pid)]
+        deadline = time.monotonic() + 5  # a SIGKILL nirvana-serve sent on its way out takes a moment
+        while _running(tree) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _running(tree), f"left behind: {[(p.pid, _executable(p)) for p in _running(tree)]}"
     finally:
         if proc.poll() is None:
             proc.kill()
+        for process in _running(tree):  # a failed test leaves no server of its own behind
+            process.kill()

@@ -45,9 +45,22 @@ def test_request_parameters_and_scaled_steps(client):
 
 
 def test_server_picks_and_reports_a_seed(client):
-    result = client.generate("a quiet harbor at dawn", steps=4)
-    assert result.seed >= 0
-    assert result.steps == 4
+    """SEED_USED is the seed the noise came from: a given SEED comes back unchanged (int64, not
+    cut to 32 bits), and a server-picked one, sent back as SEED, reproduces the image. The cache is
+    bypassed, so every image is denoised from its seed's noise, not served from a hit."""
+    prompt = f"a quiet harbor at dawn ({client.protocol})"
+    given = client.generate(prompt, seed=2**62 + 5, steps=4, cache=False)
+    assert (given.seed, given.steps, given.cache_status) == (2**62 + 5, 4, "disabled")
+
+    picked = client.generate(prompt, steps=4, cache=False)
+    assert 0 <= picked.seed < 2**63 and picked.steps == 4
+    assert client.generate(prompt, steps=1, cache=False).seed != picked.seed  # drawn, not a constant
+    again = client.generate(prompt, seed=picked.seed, steps=4, cache=False)
+    assert again.seed == picked.seed and again.cache_status == "disabled"
+    np.testing.assert_array_equal(again.image, picked.image)
+    other = client.generate(prompt, seed=picked.seed + 1, steps=4, cache=False)
+    assert other.seed == picked.seed + 1
+    assert not np.array_equal(other.image, picked.image)  # the seed decides the image
 
 
 def test_missing_prompt_is_a_clear_error_and_the_server_keeps_serving(client):
