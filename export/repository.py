@@ -20,6 +20,9 @@ MODELS = ("tokenizer", "text_encoder", "latent_cache", "unet_loop", "vae_decoder
 PIPELINE_MODELS = ("tokenizer", "text_encoder", "latent_cache", "unet_loop", "vae_decoder")
 ONNX_BACKEND_MODELS = ("text_encoder", "vae_decoder")
 CONTAINER_CONFIGS = Path(__file__).resolve().parent / "container"
+# Where the container's latent_cache persists: the README's `docker run` mounts the checkout at
+# /work, so this is the checkout's data/cache, the same place `make serve` uses.
+CONTAINER_CACHE_DIR = "/work/data/cache"
 STAMP = ".exported"
 
 
@@ -77,7 +80,23 @@ def write_container_repository(repository: Path, target: Path) -> Path:
         _link_or_copy(src, target / rel)
     for model in ONNX_BACKEND_MODELS:
         shutil.copy2(CONTAINER_CONFIGS / model / "config.pbtxt", target / model / "config.pbtxt")
+    # The cache persists across container restarts in the checkout the README's command mounts.
+    cache_config = target / "latent_cache" / "config.pbtxt"
+    cache_config.unlink()  # a hard link to the source's: write a new file, do not edit through it
+    cache_config.write_text(with_parameters(repository / "latent_cache" / "config.pbtxt",
+                                            {"snapshot_path": CONTAINER_CACHE_DIR}))
     return target
+
+
+def with_parameters(config_path: Path, values: Dict[str, str]) -> str:
+    """The text of the config.pbtxt at ``config_path`` with ``values`` set in its ``parameters``
+    (added where absent), through Triton's ``ModelConfig`` protobuf; its comments are lost."""
+    from google.protobuf import text_format
+
+    config = read_model_config(config_path)
+    for key, value in values.items():
+        config.parameters[key].string_value = str(value)
+    return text_format.MessageToString(config)
 
 
 def repository_variant(source: Path, target: Path, parameters: Dict[str, Dict[str, str]]) -> Path:
@@ -93,8 +112,6 @@ def repository_variant(source: Path, target: Path, parameters: Dict[str, Dict[st
             (checked before anything is written).
         nirvana.config.ConfigError: A config to edit does not parse.
     """
-    from google.protobuf import text_format
-
     source, target = Path(source), Path(target)
     edited = {}
     for model, values in parameters.items():
@@ -103,10 +120,7 @@ def repository_variant(source: Path, target: Path, parameters: Dict[str, Dict[st
             models = sorted(p.parent.name for p in source.glob("*/config.pbtxt"))
             raise FileNotFoundError(f"cannot set parameters of model {model!r}: {path} does not exist "
                                     f"(models in {source}: {models})")
-        config = read_model_config(path)
-        for key, value in values.items():
-            config.parameters[key].string_value = str(value)
-        edited[Path(model) / "config.pbtxt"] = text_format.MessageToString(config)
+        edited[Path(model) / "config.pbtxt"] = with_parameters(path, values)
     for src in source.rglob("*"):
         if src.is_dir() or "__pycache__" in src.parts:
             continue

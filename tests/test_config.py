@@ -169,3 +169,15 @@ def test_repository_variant_refuses_an_unknown_model_before_writing(small_reposi
     with pytest.raises(FileNotFoundError, match="unet_loop"):
         repository_variant(small_repository, tmp_path / "variant", {"unet_loop": {"batching": "execute"}})
     assert not (tmp_path / "variant").exists()
+
+
+def test_the_container_repository_persists_the_cache_in_the_mounted_checkout(repository, tmp_path):
+    from nirvana.config import read_pbtxt_parameters
+    from nirvana_export.repository import CONTAINER_CACHE_DIR, write_container_repository
+
+    target = write_container_repository(repository, tmp_path / "container")
+    params = read_pbtxt_parameters(target / "latent_cache" / "config.pbtxt")["parameters"]
+    assert params["snapshot_path"]["string_value"] == CONTAINER_CACHE_DIR
+    # The source's config (hard-linked into the copy) is left alone.
+    assert read_pbtxt_parameters(repository / "latent_cache" / "config.pbtxt")["parameters"].get(
+        "snapshot_path", {"string_value": ""})["string_value"] == ""
