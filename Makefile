@@ -7,6 +7,8 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
+# Requests `make fuzz` sends to the served ensemble (tests/integration/test_fuzz.py; make test sends 300).
+FUZZ_REQUESTS ?= 10000
 # Where `make serve` keeps the latent cache across restarts (snapshots + journal); empty: no persistence.
 CACHE_DIR ?= data/cache
 export HF_HUB_OFFLINE := 1
@@ -29,11 +31,12 @@ PERF_STEPS ?= 50
 PERF_SOAK_SECONDS ?= 60
 PERF_ARGS ?=
 
-.PHONY: help venv export serve demo test test-unit perf soak perf-deps clean
+.PHONY: help venv export serve demo test test-unit fuzz perf soak perf-deps clean
 help:
 	@echo "make demo    - install, export the embedded model, serve it, run a few prompts, stop"
 	@echo "make test    - install, export, run unit and integration tests (real tritonserver)"
 	@echo "make test-unit - the unit tests alone (no tritonserver; the inner loop)"
+	@echo "make fuzz    - FUZZ_REQUESTS=$(FUZZ_REQUESTS) random and malformed requests over HTTP and gRPC, then restart checks"
 	@echo "make serve   - run tritonserver in the foreground (HTTP_PORT/GRPC_PORT/METRICS_PORT); the cache persists in CACHE_DIR=$(CACHE_DIR)"
 	@echo "make export  - export the embedded model into $(REPO)/ (and build/ for the NVIDIA container)"
 	@echo "make perf    - benchmarks; results under perf/results/ (PERF_LEVELS=8 for concurrency 8 alone)"
@@ -62,6 +65,9 @@ test: $(EXPORTED)
 
 test-unit: $(EXPORTED)
 	$(BIN)/python -m pytest --ignore=tests/integration $(PYTEST_ARGS)
+
+fuzz: $(EXPORTED)
+	NIRVANA_FUZZ_REQUESTS=$(FUZZ_REQUESTS) $(BIN)/python -m pytest -q tests/integration/test_fuzz.py
 
 # perf_analyzer (from tritonclient 2.51) needs Debian's libb64 and libcudart.so.12 (a pip wheel).
 perf-deps: $(INSTALLED)
