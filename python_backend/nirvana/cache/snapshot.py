@@ -148,9 +148,11 @@ def _candidates(root: Path, problems: List[str]) -> List[Tuple[Path, str]]:
             problems.append("CURRENT is unreadable; trying the snapshots on disk, newest first")
     older = sorted((p for p in root.glob("snap-*") if p.is_dir() and not p.name.endswith(".partial")),
                    key=lambda p: p.name, reverse=True)
-    # Then every complete snapshot, newest first, checked by its own manifest alone: the one
-    # CURRENT names comes again, for when CURRENT itself is what got damaged.
-    found += [(p, "") for p in older]
+    # Then the other complete snapshots, newest first, each checked by its own manifest alone.
+    # The one a readable CURRENT names is not tried again: when its manifest does not match
+    # CURRENT's hash, that manifest is what cannot be trusted (an unreadable CURRENT names none,
+    # so then every snapshot on disk is tried).
+    found += [(p, "") for p in older if all(p != f for f, _ in found)]
     return found
 
 
