@@ -9,6 +9,7 @@ leaves the index once it has no state left.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import gc
 import hashlib
@@ -264,7 +265,7 @@ class LatentCache:
             if self.listener is not None and (entry_id, step) not in dropped:
                 stored_tensor = self.store.get((entry_id, step))
                 self.listener(("put", EntryRecord(entry_id, key, entry.embedding,
-                                                  [StateRecord(step, dataclasses.replace(stats), stored_tensor)])))
+                                                  [StateRecord(step, copy.copy(stats), stored_tensor)])))
             for victim in dropped:
                 self.counters["evicted_states"] += 1
                 if victim == (entry_id, step):
@@ -338,7 +339,7 @@ class LatentCache:
                 tensor = self.store.get((entry.entry_id, step))
                 stats = self._stats.get((entry.entry_id, step))
                 if tensor is not None and stats is not None:
-                    states.append(StateRecord(step, dataclasses.replace(stats), tensor))
+                    states.append(StateRecord(step, copy.copy(stats), tensor))
             if states:
                 out.append(EntryRecord(entry.entry_id, entry.key, entry.embedding, states))
         return out
@@ -391,7 +392,7 @@ class LatentCache:
                     self._by_digest[digest] = entry_id
                     self.index.add(record.key.namespace, entry_id, self._entries[entry_id].embedding)
                     imported.add(entry_id)
-                self._stats[(entry_id, state.step)] = dataclasses.replace(state.stats)
+                self._stats[(entry_id, state.step)] = copy.copy(state.stats)
                 self._entries[entry_id].steps.add(state.step)
                 dtype = torch.float32 if state.step == FINAL else None
                 for victim in self.store.put((entry_id, state.step), state.tensor, score, dtype):

@@ -20,6 +20,7 @@ Requests wait only for the capture, never for a snapshot being written.
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 import threading
 import time
@@ -179,12 +180,16 @@ class CachePersistence:
                 journal_from = self.journal.rotate() if self.journal is not None else 0
             captured = time.perf_counter()
             path = write_snapshot(Snapshot(records, clock, journal_from), self.root, KEEP if keep is None else keep)
+            written = {"entries": len(records), "states": sum(len(r.states) for r in records)}
+            del records  # only the cache holds its states now, before they are frozen
+            # The cache's objects are long-lived and free themselves by reference counting (no
+            # cycles): moving them out of the collector's view keeps a full collection (141 ms at
+            # 10,000 states, holding the GIL) from stalling the request threads.
+            gc.freeze()
             if self.journal is not None:
                 self.journal.remove_before(journal_from)
             self.compactions += 1
-            self.last_compaction = {"snapshot": path.name, "entries": len(records),
-                                    "states": sum(len(r.states) for r in records),
-                                    "capture_seconds": captured - began,
+            self.last_compaction = {"snapshot": path.name, **written, "capture_seconds": captured - began,
                                     "write_seconds": time.perf_counter() - captured}
             return path
 
