@@ -77,9 +77,20 @@ def server_environment(admin_key: Optional[str] = None) -> Dict[str, str]:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> List[int]:
+    """``n`` distinct free ports: the sockets stay bound together while they are picked, so the
+    kernel cannot hand the same port out twice (it did: HTTP and metrics on one port)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 class TritonServer:
@@ -104,9 +115,10 @@ class TritonServer:
         self.admin_key = admin_key
         self.restricted_apis = tuple(restricted_apis)
         self.model_repository = Path(model_repository).resolve()
-        self.http_port = http_port or free_port()
-        self.grpc_port = grpc_port or free_port()
-        self.metrics_port = metrics_port or free_port()
+        picked = iter(free_ports(3))
+        self.http_port = http_port or next(picked)
+        self.grpc_port = grpc_port or next(picked)
+        self.metrics_port = metrics_port or next(picked)
         self._workdir = Path(tempfile.mkdtemp(prefix="nirvana-triton-"))
         self.log_file = Path(log_file) if log_file else self._workdir / "server.log"
         self.extra_args = list(extra_args or [])

@@ -284,3 +284,25 @@ def test_a_failing_journal_stops_persistence_not_the_cache(tmp_path, monkeypatch
     assert p.failed and "No space left" in p.failed and len(logged) == 1
     assert cache.lookup(vectors[2], key(2)).status == "exact"  # the cache itself serves on
     p.close()
+
+
+def test_a_restart_journals_past_the_segment_its_snapshot_starts_at(tmp_path):
+    """A kill inside a compaction: the snapshot names journal segment 3, which was never created,
+    and the older segments are gone. What the restarted cache journals must still come back."""
+    cache, vectors = filled_cache(1)
+    p = persistence(cache, tmp_path)
+    p.start()
+    p.compact()
+    p.compact()  # the snapshot now starts at segment 3
+    p.close(final_snapshot=False)
+    for _, path in segments(tmp_path):
+        path.unlink()  # as if the kill came before the writer opened segment 3
+    again = LatentCache(CacheConfig(), 8)
+    second = persistence(again, tmp_path, appendfsync="always")
+    second.restore()
+    second.start()
+    admit(again, 1, vectors)
+    second.sync()
+    second.close(final_snapshot=False)
+    third, report = restored(tmp_path)
+    assert report["problems"] == [] and sorted(r.key.prompt for r in third.export_entries()) == ["p0", "p1"]

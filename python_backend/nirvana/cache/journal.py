@@ -164,6 +164,12 @@ class Journal:
             f.write(MAGIC)
             f.flush()
             os.fsync(f.fileno())
+            # The new file's directory entry too, or a power loss could drop the whole segment.
+            fd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         return f
 
     # -- called with the cache's lock held ----------------------------------------------------------

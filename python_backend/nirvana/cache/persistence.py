@@ -59,6 +59,7 @@ class CachePersistence:
         self._compacting = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self._lock_fd: Optional[int] = None
+        self._journal_from = 0  # where the restored snapshot's journal starts
         self.failed: Optional[str] = None  # why persistence stopped (then the cache serves on without it)
 
     def acquire(self, timeout_s: float = 30.0) -> bool:
@@ -95,6 +96,7 @@ class CachePersistence:
             loaded = read_snapshot(self.root)
             problems += loaded.problems
             report["snapshot"] = loaded.name
+            self._journal_from = loaded.snapshot.journal_from
             imported = self.cache.import_entries(loaded.snapshot.records, loaded.snapshot.clock)
             problems += imported.problems
             report["dropped_by_budget"] = imported.dropped_by_budget
@@ -130,7 +132,11 @@ class CachePersistence:
     def start(self) -> None:
         """Journal every change from now on and compact in the background."""
         numbers = [seq for seq, _ in segments(self.root)]
-        self.journal = Journal(self.root, self.appendfsync, first_segment=max(numbers, default=0) + 1)
+        # Past every segment on disk and past the one the restored snapshot's journal starts at:
+        # a kill inside a compaction can leave that segment not yet created (older ones already
+        # deleted), and records written below it would be skipped by the next restore.
+        first = max(max(numbers, default=0), self._journal_from - 1) + 1
+        self.journal = Journal(self.root, self.appendfsync, first_segment=first)
         self.cache.listener = self._on_change
         if self.interval_s >= 0:
             self._thread = threading.Thread(target=self._run, name="nirvana-compaction", daemon=True)
