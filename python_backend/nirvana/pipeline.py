@@ -20,10 +20,7 @@ import torch
 
 from nirvana import admin
 from nirvana import inputs as rq
-from nirvana.backend import PARAMETERS
-from nirvana.cache import CacheKey, LatentCache, LookupResult
-from nirvana.cache.engine import APPROXIMATE, DISABLED
-from nirvana.config import CacheConfig, OnnxModelConfig, PipelineSpec, RequestDefaults, UNetLoopConfig
+from nirvana.config import OnnxModelConfig, PipelineSpec, RequestDefaults, UNetLoopConfig
 from nirvana.onnx_session import OnnxModel
 from nirvana.schedulers import history_length, make_scheduler
 from nirvana.text import PromptTokenizer

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import dataclasses
 import gc
 import hashlib
 import itertools

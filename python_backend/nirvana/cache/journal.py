@@ -33,7 +33,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
