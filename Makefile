@@ -31,7 +31,15 @@ PERF_STEPS ?= 50
 PERF_SOAK_SECONDS ?= 60
 PERF_ARGS ?=
 
-.PHONY: help venv export serve demo test test-unit fuzz perf soak perf-deps clean
+# nirvana-train: stages and extra flags (the defaults reproduce the committed weights; see export/weights/training.json).
+TRAIN_STAGES ?= scorer,vae,unet
+TRAIN_ARGS ?=
+# nirvana-quality: prompt pairs per similarity band, held-out captions for the no-cache adherence.
+QUALITY_PER_BAND ?= 30
+QUALITY_BASELINE ?= 500
+QUALITY_ARGS ?=
+
+.PHONY: help venv export serve demo test test-unit fuzz perf soak perf-deps clean train quality calibrate
 help:
 	@echo "make demo    - install, export the embedded model, serve it, run a few prompts, stop"
 	@echo "make test    - install, export, run unit and integration tests (real tritonserver)"
@@ -40,6 +48,9 @@ help:
 	@echo "make serve   - run tritonserver in the foreground (HTTP_PORT/GRPC_PORT/METRICS_PORT); the cache persists in CACHE_DIR=$(CACHE_DIR)"
 	@echo "make export  - export the embedded model into $(REPO)/ (and build/ for the NVIDIA container)"
 	@echo "make perf    - benchmarks; results under perf/results/ (PERF_LEVELS=8 for concurrency 8 alone)"
+	@echo "make train   - retrain the embedded model's UNet, VAE and scorer into export/weights (CPU; see README)"
+	@echo "make quality - quality of approximate hits per K and similarity band; perf/results/quality/"
+	@echo "make calibrate - make quality, then write the calibrated thresholds (export/weights/calibration.json)"
 	@echo "make soak    - the long soak alone (SOAK_SECONDS=600 at concurrency 8); perf/results/soak.md"
 
 venv: $(INSTALLED)
@@ -50,7 +61,7 @@ $(INSTALLED): pyproject.toml
 	touch $@
 
 export: $(EXPORTED)
-$(EXPORTED): $(INSTALLED) $(wildcard export/*.py export/container/*/config.pbtxt $(REPO)/*/config.pbtxt $(REPO)/*/1/model.py)
+$(EXPORTED): $(INSTALLED) $(wildcard export/*.py export/weights/* export/container/*/config.pbtxt $(REPO)/*/config.pbtxt $(REPO)/*/1/model.py)
 	$(BIN)/nirvana-export --repository $(REPO)
 
 serve: $(EXPORTED)
@@ -77,6 +88,15 @@ perf-deps: $(INSTALLED)
 perf: $(EXPORTED) perf-deps
 	$(BIN)/python -m nirvana_perf.run_all --log $(PERF_LOG) --warmup $(PERF_WARMUP) --window $(PERF_WINDOW) \
 		--levels $(PERF_LEVELS) --batching $(PERF_BATCHING) --steps $(PERF_STEPS) --soak-seconds $(PERF_SOAK_SECONDS) $(PERF_ARGS)
+
+train: $(INSTALLED)
+	$(BIN)/nirvana-train --stages $(TRAIN_STAGES) $(TRAIN_ARGS)
+
+quality: $(EXPORTED)
+	$(BIN)/nirvana-quality --repository $(REPO) --per-band $(QUALITY_PER_BAND) --baseline $(QUALITY_BASELINE) $(QUALITY_ARGS)
+
+calibrate: $(EXPORTED)
+	$(BIN)/nirvana-quality --repository $(REPO) --per-band $(QUALITY_PER_BAND) --baseline $(QUALITY_BASELINE) --write-thresholds $(QUALITY_ARGS)
 
 SOAK_SECONDS ?= 600
 soak: $(EXPORTED) perf-deps

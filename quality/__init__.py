@@ -1,0 +1,1 @@
+"""Measured quality: the synthetic shapes dataset, its scorer, training of the embedded model, nirvana-quality."""
