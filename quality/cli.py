@@ -111,6 +111,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--clip", type=Path, help="local CLIP weights (transformers CLIPModel folder) for CLIP score")
     parser.add_argument("--scorer", type=Path, help="attribute scorer weights (default: the committed ones)")
     parser.add_argument("--per-band", type=int, default=30, help="prompt pairs per similarity band (default: %(default)s)")
+    parser.add_argument("--candidates", type=int, default=1600,
+                        help="shapes caption pairs drawn before stratifying into bands (default: %(default)s)")
     parser.add_argument("--ks", default=",".join(str(k) for k in harness.K_GRID),
                         help="resumed steps K at 50 steps (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps N (default: %(default)s)")
@@ -182,7 +184,7 @@ def run(args) -> int:
     if args.prompts:
         pairs = harness.log_pairs(generator, load_prompts(args.prompts), args.per_band, args.seed)
     else:
-        pairs = harness.shapes_pairs(generator, args.seed, args.per_band)
+        pairs = harness.shapes_pairs(generator, args.seed, args.per_band, args.candidates)
     if not pairs:
         raise ValueError("no prompt pairs fell into the similarity bands")
     run_ = harness.measure(generator, pairs, ks, args.steps, args.guidance, args.batch_size)

@@ -42,6 +42,7 @@ from nirvana_quality import shapes
 
 STAGES = ("scorer", "vae", "unet")
 CFG_DROPOUT = 0.1
+FOREGROUND_WEIGHT = 5.0
 
 
 def training_set(seed: int, captions: int, renders: int) -> tuple:
@@ -130,7 +131,13 @@ def train_vae_stage(args, images: np.ndarray, out: Path) -> dict:
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=generator)).sample
         # L1 + L2 reconstruction keeps flat colours and edges sharp; KL weight as in SD's VAE.
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        # Objects cover a few percent of an image: pixels away from the image's median colour
+        # (its background) weigh FOREGROUND_WEIGHT times more, or colours and shapes come last.
+        weight = 1.0 + (FOREGROUND_WEIGHT - 1.0) * ((x - x.median(dim=2, keepdim=True).values
+                                                      .median(dim=3, keepdim=True).values).abs()
+                                                     .amax(1, keepdim=True) > 0.15).float()
+        error = recon - x
+        loss = ((error.abs() + error.pow(2)) * weight).mean() / weight.mean() + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -222,7 +229,7 @@ def main(argv=None) -> int:
     parser.add_argument("--captions", type=int, default=8000, help="training captions (default: %(default)s)")
     parser.add_argument("--renders", type=int, default=3, help="images per caption (default: %(default)s)")
     parser.add_argument("--scorer-steps", type=int, default=2000)
-    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-steps", type=int, default=2500)
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--unet-steps", type=int, default=4000)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from nirvana.config import OnnxModelConfig, PipelineSpec
 from nirvana.onnx_session import OnnxModel
@@ -92,3 +93,29 @@ def test_text_encoder_memo_answers_repeated_rows_with_the_same_outputs(repositor
             np.testing.assert_array_equal(got[name], want[name])
     # rows seen: fox, boat | boat (hit), tree | fox (evicted by the capacity of 2: recomputed)
     assert (memoized.memo.hits, memoized.memo.misses) == (1, 4)
+
+
+def test_default_export_uses_the_committed_trained_weights_and_calibration(repository):
+    from nirvana_export import embedded
+
+    spec = PipelineSpec.load(repository / "unet_loop" / "1")
+    assert spec.model_id == embedded.model_id(True)  # names the weights' content hash
+    assert spec.thresholds == embedded.calibrated_thresholds()
+    vae = embedded.build_vae(embedded.WEIGHTS_DIR / embedded.VAE_WEIGHTS)
+    assert vae.config.scaling_factor != pytest.approx(0.18215)  # the trained latents' own scale
+    decoder = OnnxModel(repository / "vae_decoder" / "1" / "model.onnx")
+    latents = np.random.default_rng(0).standard_normal((1, *spec.latent_shape)).astype(np.float32)
+    with torch.no_grad():
+        expected = vae.decode(torch.from_numpy(latents) / vae.config.scaling_factor).sample
+    expected = ((expected / 2 + 0.5).clamp(0, 1) * 255).round().permute(0, 2, 3, 1).numpy()
+    image = decoder.run({"LATENTS": latents})["IMAGE"]
+    assert np.abs(image.astype(int) - expected.astype(int)).max() <= 2  # the ONNX decoder holds these weights
+
+
+def test_export_refuses_a_weights_folder_without_weights(repository, tmp_path, capsys):
+    from nirvana_export import cli
+
+    stamp = (repository / ".exported").read_text()
+    assert cli.main(["--repository", str(repository), "--weights", str(tmp_path / "none")]) == 1
+    assert "make train" in capsys.readouterr().err
+    assert (repository / ".exported").read_text() == stamp  # refused before writing anything
