@@ -11,7 +11,8 @@ Stages, each saving its weights as soon as it ends (a failure later loses nothin
    token states the server computes, with SD's noise schedule and 10% empty
    captions (so classifier-free guidance works), EMA weights saved.
 
-Everything is seeded: the same seed on the same machine gives the same weights.
+Everything is seeded: the same seed, thread count and machine give the same weights
+(a different thread count changes float summation order, so the weights differ slightly).
 The defaults are what the committed weights were trained with (see
 ``export/weights/training.json`` for the figures and the time it took).
 
@@ -228,13 +229,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--captions", type=int, default=8000, help="training captions (default: %(default)s)")
     parser.add_argument("--renders", type=int, default=3, help="images per caption (default: %(default)s)")
-    parser.add_argument("--scorer-steps", type=int, default=2000)
+    parser.add_argument("--scorer-steps", type=int, default=1500)
     parser.add_argument("--vae-steps", type=int, default=2500)
-    parser.add_argument("--vae-batch", type=int, default=32)
-    parser.add_argument("--vae-lr", type=float, default=1e-3)
-    parser.add_argument("--unet-steps", type=int, default=4000)
+    parser.add_argument("--vae-batch", type=int, default=24)
+    parser.add_argument("--vae-lr", type=float, default=2e-3)
+    parser.add_argument("--unet-steps", type=int, default=7000)
     parser.add_argument("--unet-batch", type=int, default=64)
-    parser.add_argument("--unet-lr", type=float, default=5e-4)
+    parser.add_argument("--unet-lr", type=float, default=8e-4)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--checkpoint-every", type=int, default=500, help="save the UNet's EMA weights every N steps")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
