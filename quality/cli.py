@@ -121,6 +121,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="held-out captions for the no-cache adherence (default: %(default)s; 0: skip)")
     parser.add_argument("--gate", type=float, default=harness.DEFAULT_GATE,
                         help="largest mean adherence drop a threshold may allow (default: %(default)s = 1 point)")
+    parser.add_argument("--floor", type=float, default=harness.UNRELATED_FLOOR,
+                        help="lowest similarity a threshold may have (default: %(default)s, unrelated MiniLM prompt pairs)")
+    parser.add_argument("--table", type=Path,
+                        help="recalibrate from an earlier run's quality.json or calibration.json (no generation)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32, help="images per step-loop batch")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime/torch threads (0: one per core)")
@@ -137,8 +141,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
 
+def recalibrate(args) -> int:
+    """Apply the rule to an earlier run's table (e.g. with another --gate)."""
+    from nirvana_export import embedded
+
+    data = json.loads(args.table.read_text())
+    rows = data["rows"]
+    thresholds = harness.calibrate(rows, args.gate, floor=args.floor)
+    print(f"thresholds (gate {args.gate * 100:g} points, floor {args.floor}): {json.dumps(thresholds)}")
+    if args.write_thresholds:
+        write_calibration(args.calibration or embedded.WEIGHTS_DIR / embedded.CALIBRATION, data.get("model_id", ""),
+                          args.gate, args.floor, thresholds, rows)
+        written = write_thresholds(args.repository, thresholds)
+        print(f"written to {len(written)} pipeline.json files of {args.repository}")
+    return 0
+
+
+def write_calibration(path: Path, model_id: str, gate: float, floor: float, thresholds, rows) -> None:
+    path.write_text(json.dumps({"model_id": model_id, "gate": gate, "floor": floor,
+                                "rule": harness.CALIBRATION_RULE, "thresholds": thresholds, "rows": rows},
+                               indent=1) + "\n")
+
+
 def run(args) -> int:
     import torch
+
+    if args.table:
+        return recalibrate(args)
 
     from nirvana_export import embedded
     from nirvana_quality.generators import RepositoryGenerator
@@ -212,17 +241,15 @@ def run(args) -> int:
               f"K={ks[0]}, {ks[len(ks) // 2]}, {ks[-1]} from its partner's state.", ""]
 
     if scorer is not None and not args.prompts:
-        thresholds = harness.calibrate(rows, args.gate)
+        thresholds = harness.calibrate(rows, args.gate, floor=args.floor)
         report["thresholds"] = thresholds
         save_plot(args.output / "quality.png", rows, args.gate)
-        lines += [f"## Calibrated thresholds (gate {args.gate * 100:g} adherence point)", "",
+        lines += [f"## Calibrated thresholds (gate {args.gate * 100:g} adherence point, floor {args.floor})", "",
                   f"`{json.dumps(thresholds)}` (similarity, K at {args.steps} steps); the current ones: "
                   f"`{json.dumps(generator.spec.thresholds)}`. Plot: `quality.png`.", ""]
         if args.write_thresholds:
             calibration = args.calibration or embedded.WEIGHTS_DIR / embedded.CALIBRATION
-            calibration.write_text(json.dumps({"model_id": generator.model_id, "gate": args.gate,
-                                               "rule": harness.CALIBRATION_RULE,
-                                               "thresholds": thresholds, "rows": rows}, indent=1) + "\n")
+            write_calibration(calibration, generator.model_id, args.gate, args.floor, thresholds, rows)
             written = write_thresholds(args.repository, thresholds)
             lines += [f"Written to {calibration} and {len(written)} pipeline.json files of {args.repository}.", ""]
     report["seconds"] = round(time.perf_counter() - start, 1)

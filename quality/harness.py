@@ -34,9 +34,15 @@ BAND_EDGES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0001)
 # Resumed steps measured, at N=50: the paper's five, and beyond half way for near-duplicates.
 K_GRID = (5, 10, 15, 20, 25, 30, 35, 40)
 DEFAULT_GATE = 0.01  # one adherence point
+# No threshold goes below the similarity of unrelated prompts: the 99.9th percentile of random
+# prompt pairs of the SD Discord log under all-MiniLM-L6-v2 (README, "Choosing the thresholds"),
+# so one unrelated pair in a thousand reuses a state. The shapes captions are all about shapes,
+# so the quality table cannot speak for prompts that share nothing.
+UNRELATED_FLOOR = 0.71
 CALIBRATION_RULE = ("for each K, the lowest band edge s such that every band from s upward (with at least "
-                    "min_pairs pairs) has a mean adherence drop at K within the gate; then, from the largest K "
-                    "down, a K is kept only where its similarity is lower than that of every larger K kept")
+                    "min_pairs pairs) has a mean adherence drop at K within the gate, raised to the floor "
+                    "(similarity of unrelated prompts); then, from the largest K down, a K is kept only where "
+                    "its similarity is lower than that of every larger K kept")
 
 
 @dataclass
@@ -223,12 +229,13 @@ def summarize(run: Measurements, scorer=None, clip=None, edges: Sequence[float] 
     return rows
 
 
-def calibrate(rows: Sequence[dict], gate: float = DEFAULT_GATE, min_pairs: int = 5) -> List[List[float]]:
+def calibrate(rows: Sequence[dict], gate: float = DEFAULT_GATE, min_pairs: int = 5,
+              floor: float = UNRELATED_FLOOR) -> List[List[float]]:
     """Thresholds from a quality table.
 
     Rule: for each K, the lowest band edge s such that in every band from s upward
     (with at least ``min_pairs`` pairs) the mean adherence drop at K is within
-    ``gate``; a K whose top band already fails gets none. A K is kept only if its
+    ``gate``, raised to ``floor``; a K whose top band already fails gets none. A K is kept only if its
     similarity is higher than every smaller K's (otherwise a smaller K would never
     be chosen over it, or it would be chosen where its quality was not shown), so
     the table is monotone like the paper's.
@@ -249,7 +256,7 @@ def calibrate(rows: Sequence[dict], gate: float = DEFAULT_GATE, min_pairs: int =
                 break
             edge = cell["band_low"]
         if edge is not None:
-            lowest[k] = round(float(edge), 4)
+            lowest[k] = round(max(float(edge), floor), 4)
     result: List[List[float]] = []
     for k in sorted(lowest, reverse=True):  # largest K first: it wins wherever it is allowed
         if not result or lowest[k] < result[-1][0]:

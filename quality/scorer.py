@@ -125,7 +125,7 @@ def train_scorer(seed: int = 0, examples: int = 24_000, steps: int = 2_000, batc
         schedule.step()
         losses.append(float(loss.detach()))
         if progress:
-            progress(step, float(loss))
+            progress(step, float(loss.detach()))
     model.eval()
     return model, {"steps": steps, "examples": examples, "batch_size": batch_size, "lr": lr,
                    "final_loss": float(np.mean(losses[-50:])), "seconds": round(time.perf_counter() - start, 1)}

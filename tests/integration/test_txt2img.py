@@ -3,19 +3,9 @@
 import numpy as np
 import pytest
 
-from nirvana.config import CacheConfig, PipelineSpec, parse_parameters, read_pbtxt_parameters
-from nirvana.steps import start_step_for
 from nirvana_client import Txt2ImgError
 
 pytestmark = pytest.mark.integration
-
-
-def served_start_step(repository, similarity: float, steps: int) -> int:
-    """The step the served cache resumes from at ``similarity`` (the exported model's thresholds)."""
-    spec = PipelineSpec.load(repository / "unet_loop" / "1")
-    config = parse_parameters(CacheConfig, read_pbtxt_parameters(repository / "latent_cache" / "config.pbtxt"))
-    config = config.with_model_thresholds(spec)
-    return start_step_for(similarity, config.thresholds, config.base_steps, steps)
 
 PROMPTS = {
     "grpc": ("a red bicycle leaning against a brick wall", "a bowl of ramen on a wooden table, food photo"),
@@ -23,7 +13,7 @@ PROMPTS = {
 }
 
 
-def test_repeated_prompt_hits_and_unrelated_prompt_misses(client, repository):
+def test_repeated_prompt_hits_and_unrelated_prompt_misses(client, served_start_step):
     prompt, unrelated = PROMPTS[client.protocol]
     first = client.generate(prompt, seed=11)
     assert first.cache_status == "miss" and first.start_step == 0
@@ -37,7 +27,7 @@ def test_repeated_prompt_hits_and_unrelated_prompt_misses(client, repository):
 
     other_seed = client.generate(prompt, seed=12)
     assert other_seed.cache_status == "approximate"
-    assert other_seed.start_step == served_start_step(repository, 1.0, 50) and other_seed.similarity >= 0.99
+    assert other_seed.start_step == served_start_step(1.0, 50) and other_seed.similarity >= 0.99
     assert other_seed.matched_prompt == prompt
 
     far = client.generate(unrelated, seed=11)
@@ -45,13 +35,13 @@ def test_repeated_prompt_hits_and_unrelated_prompt_misses(client, repository):
     assert far.image.shape == (64, 64, 3) and far.image.dtype == np.uint8
 
 
-def test_request_parameters_and_scaled_steps(client, repository):
+def test_request_parameters_and_scaled_steps(client, served_start_step):
     prompt = {"grpc": "a lighthouse in a storm, oil painting", "http": "macro photo of a dewdrop on a leaf"}[
         client.protocol]
     first = client.generate(prompt, negative_prompt="blurry", seed=3, steps=20, guidance_scale=5.0)
     assert (first.steps, first.seed, first.start_step) == (20, 3, 0)
     second = client.generate(prompt, negative_prompt="blurry", seed=4, steps=20, guidance_scale=5.0)
-    top_k = served_start_step(repository, 1.0, 50)
+    top_k = served_start_step(1.0, 50)
     assert second.start_step == round(top_k * 20 / 50) > 0  # the top K of 50, scaled to 20 steps
 
 

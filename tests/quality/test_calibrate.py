@@ -15,6 +15,12 @@ def row(k, low, drop, n=20):
     return {"k": k, "band_low": low, "n": n, "adherence_drop": drop}
 
 
+def test_no_threshold_goes_below_the_floor():
+    rows = table({5: {0.5: 0.0, 0.7: 0.0}, 25: {0.7: 0.0, 0.8: 0.0}})
+    assert harness.calibrate(rows, floor=0.71) == [[0.71, 25]]  # K=5 is dominated once both sit at the floor
+    assert harness.calibrate(rows, floor=0.0) == [[0.7, 25], [0.5, 5]]
+
+
 def table(drops):
     """drops: {K: {band_low: drop}}"""
     return [row(k, low, d) for k, cells in drops.items() for low, d in cells.items()]
@@ -23,41 +29,41 @@ def table(drops):
 def test_each_k_gets_the_lowest_band_from_which_every_higher_band_passes():
     rows = table({10: {0.7: 0.05, 0.8: 0.0, 0.9: 0.005, 0.95: 0.0},
                   25: {0.7: 0.2, 0.8: 0.03, 0.9: 0.008, 0.95: 0.0}})
-    assert harness.calibrate(rows, gate=0.01) == [[0.9, 25], [0.8, 10]]
+    assert harness.calibrate(rows, gate=0.01, floor=0.0) == [[0.9, 25], [0.8, 10]]
 
 
 def test_a_failing_band_above_stops_the_descent():
     # 0.8 passes at K=10 but 0.9 above it fails: only 0.95 upward is trusted.
     rows = table({10: {0.8: 0.0, 0.9: 0.04, 0.95: 0.0}})
-    assert harness.calibrate(rows, gate=0.01) == [[0.95, 10]]
+    assert harness.calibrate(rows, gate=0.01, floor=0.0) == [[0.95, 10]]
 
 
 def test_a_k_that_fails_even_at_the_top_gets_no_threshold():
     rows = table({5: {0.7: 0.0, 0.95: 0.0}, 40: {0.7: 0.3, 0.95: 0.2}})
-    assert harness.calibrate(rows) == [[0.7, 5]]
+    assert harness.calibrate(rows, floor=0.0) == [[0.7, 5]]
 
 
 def test_a_smaller_k_needing_as_much_similarity_as_a_larger_one_is_dropped():
     rows = table({10: {0.9: 0.0, 0.95: 0.0}, 20: {0.85: 0.0, 0.9: 0.0, 0.95: 0.0}})
-    assert harness.calibrate(rows) == [[0.85, 20]]
+    assert harness.calibrate(rows, floor=0.0) == [[0.85, 20]]
 
 
 def test_thin_cells_are_ignored():
     rows = [row(10, 0.7, 0.0, n=2), row(10, 0.8, 0.0), row(10, 0.9, 0.0)]
-    assert harness.calibrate(rows, min_pairs=5) == [[0.8, 10]]
+    assert harness.calibrate(rows, min_pairs=5, floor=0.0) == [[0.8, 10]]
 
 
 def test_gate_widens_the_table():
     rows = table({10: {0.7: 0.015, 0.8: 0.0}})
-    assert harness.calibrate(rows, gate=0.01) == [[0.8, 10]]
-    assert harness.calibrate(rows, gate=0.02) == [[0.7, 10]]
+    assert harness.calibrate(rows, gate=0.01, floor=0.0) == [[0.8, 10]]
+    assert harness.calibrate(rows, gate=0.02, floor=0.0) == [[0.7, 10]]
 
 
 def test_committed_thresholds_are_what_the_rule_gives_on_the_committed_table():
     path = embedded.WEIGHTS_DIR / embedded.CALIBRATION
     data = json.loads(path.read_text())
     assert data["thresholds"], "the calibration found no usable K"
-    assert harness.calibrate(data["rows"], gate=data["gate"]) == data["thresholds"]
+    assert harness.calibrate(data["rows"], gate=data["gate"], floor=data["floor"]) == data["thresholds"]
     assert embedded.calibrated_thresholds() == data["thresholds"]
 
 

@@ -26,7 +26,8 @@ def test_report_and_written_thresholds(tmp_path):
     for name in ("quality.md", "quality.png", "no_cache_grid.png", "hits_grid.png"):
         assert (out / name).stat().st_size > 0
     written = json.loads(calibration.read_text())
-    assert written["thresholds"] == harness.calibrate(written["rows"], gate=written["gate"]) == report["thresholds"]
+    assert written["thresholds"] == harness.calibrate(written["rows"], written["gate"], floor=written["floor"]) \
+        == report["thresholds"]
     for path in repo.glob("*/1/pipeline.json"):
         assert json.loads(path.read_text())["thresholds"] == written["thresholds"]
 
