@@ -111,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--clip", type=Path, help="local CLIP weights (transformers CLIPModel folder) for CLIP score")
     parser.add_argument("--scorer", type=Path, help="attribute scorer weights (default: the committed ones)")
     parser.add_argument("--per-band", type=int, default=30, help="prompt pairs per similarity band (default: %(default)s)")
-    parser.add_argument("--candidates", type=int, default=1600,
+    parser.add_argument("--candidates", type=int, default=2400,
                         help="shapes caption pairs drawn before stratifying into bands (default: %(default)s)")
     parser.add_argument("--ks", default=",".join(str(k) for k in harness.K_GRID),
                         help="resumed steps K at 50 steps (default: %(default)s)")

@@ -40,7 +40,8 @@ DEFAULT_GATE = 0.01  # one adherence point
 # so the quality table cannot speak for prompts that share nothing.
 UNRELATED_FLOOR = 0.71
 CALIBRATION_RULE = ("for each K, the lowest band edge s such that every band from s upward (with at least "
-                    "min_pairs pairs) has a mean adherence drop at K within the gate, raised to the floor "
+                    "min_pairs pairs) has a mean adherence drop at K, or at a larger K, within the gate, "
+                    "raised to the floor "
                     "(similarity of unrelated prompts); then, from the largest K down, a K is kept only where "
                     "its similarity is lower than that of every larger K kept")
 
@@ -84,22 +85,32 @@ def _stratify(candidates: List[PromptPair], per_band: int, rng: np.random.Genera
             by_band.setdefault(b, []).append(pair)
     chosen = []
     for b in sorted(by_band):
-        pairs = by_band[b]
-        order = rng.permutation(len(pairs))[:per_band]
-        chosen.extend(pairs[i] for i in sorted(order))
+        # Round-robin over the kinds present, so the rare ones (an attribute changed at high
+        # similarity) weigh in the band's mean as much as the common ones (near-duplicates).
+        by_kind: Dict[str, List[PromptPair]] = {}
+        for i in rng.permutation(len(by_band[b])):
+            pair = by_band[b][i]
+            by_kind.setdefault(pair.kind, []).append(pair)
+        queues = [by_kind[k] for k in sorted(by_kind)]
+        picked: List[PromptPair] = []
+        while len(picked) < per_band and any(queues):
+            for queue in queues:
+                if queue and len(picked) < per_band:
+                    picked.append(queue.pop())
+        chosen.extend(picked)
     return chosen
 
 
 KINDS = ("near-duplicate", "wording", "one-attribute", "several")
 
 
-def shapes_pairs(generator: Generator, seed: int = 0, per_band: int = 30, candidates: int = 1600,
+def shapes_pairs(generator: Generator, seed: int = 0, per_band: int = 30, candidates: int = 2400,
                  edges: Sequence[float] = BAND_EDGES) -> List[PromptPair]:
     """Held-out shapes caption pairs, stratified over similarity bands (similarity from ``generator``).
 
     A quarter of the candidates are near-duplicates (framing words added or changed), a
     quarter differ in wording only, a quarter in one attribute, a quarter in two or
-    three; each band keeps up to ``per_band`` of them at random.
+    three; each band keeps up to ``per_band`` of them at random, taking the kinds in turn.
     """
     rng = np.random.default_rng([seed, 41])
     names = list(shapes.ATTRIBUTES)
@@ -220,7 +231,10 @@ def summarize(run: Measurements, scorer=None, clip=None, edges: Sequence[float] 
                     drop, ci = float(ref_adh[sel][0] - adh[sel][0]), None
                 ref = float(np.mean(ref_adh[sel]))
             if feat is not None and len(sel) >= 2:
-                fid = metrics.frechet_distance(feat[sel], ref_feat[sel])
+                try:
+                    fid = metrics.frechet_distance(feat[sel], ref_feat[sel])
+                except ValueError:  # 30 samples in 256-d: covariances can be too ill-conditioned
+                    fid = None
             if clip_scores is not None:
                 clip_drop = float(np.mean(ref_clip[sel] - clip_scores[sel]))
             finite_psnr = np.minimum(psnr[sel], 100.0)  # identical images: PSNR = inf, capped for the mean
@@ -234,8 +248,9 @@ def calibrate(rows: Sequence[dict], gate: float = DEFAULT_GATE, min_pairs: int =
     """Thresholds from a quality table.
 
     Rule: for each K, the lowest band edge s such that in every band from s upward
-    (with at least ``min_pairs`` pairs) the mean adherence drop at K is within
-    ``gate``, raised to ``floor``; a K whose top band already fails gets none. A K is kept only if its
+    (with at least ``min_pairs`` pairs) the mean adherence drop at K, or at a larger K,
+    is within ``gate``, raised to ``floor``; a K whose top band already fails gets none.
+    A K is kept only if its
     similarity is higher than every smaller K's (otherwise a smaller K would never
     be chosen over it, or it would be chosen where its quality was not shown), so
     the table is monotone like the paper's.
@@ -243,18 +258,23 @@ def calibrate(rows: Sequence[dict], gate: float = DEFAULT_GATE, min_pairs: int =
     Returns:
         [similarity, K] pairs, highest similarity first (the ``thresholds`` format).
     """
-    by_k: Dict[int, List[dict]] = {}
+    passes: Dict[Tuple[int, float], bool] = {}
     for row in rows:
         if row.get("adherence_drop") is None or row["n"] < min_pairs:
             continue
-        by_k.setdefault(int(row["k"]), []).append(row)
+        passes[(int(row["k"]), float(row["band_low"]))] = row["adherence_drop"] <= gate
+    # Resuming earlier leaves the target prompt more steps to steer, so it cannot cost more than
+    # resuming later from the same state: a cell passes when it, or a larger K in its band, does.
+    # This keeps noise in one cell (30 pairs) from failing a smaller K that a larger K clears.
+    ks = sorted({k for k, _ in passes})
     lowest: Dict[int, float] = {}
-    for k, cells in by_k.items():
+    for k in ks:
+        bands = sorted({b for kk, b in passes if kk == k}, reverse=True)
         edge = None
-        for cell in sorted(cells, key=lambda r: -r["band_low"]):
-            if cell["adherence_drop"] > gate:
+        for band in bands:
+            if not any(passes.get((kk, band), False) for kk in ks if kk >= k):
                 break
-            edge = cell["band_low"]
+            edge = band
         if edge is not None:
             lowest[k] = round(max(float(edge), floor), 4)
     result: List[List[float]] = []

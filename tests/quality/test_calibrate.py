@@ -48,6 +48,12 @@ def test_a_smaller_k_needing_as_much_similarity_as_a_larger_one_is_dropped():
     assert harness.calibrate(rows, floor=0.0) == [[0.85, 20]]
 
 
+def test_a_larger_k_clearing_a_band_clears_the_smaller_ones_there():
+    # K=5 is noisy at 0.9 (+2 points) where K=25 passes: resuming earlier cannot cost more.
+    rows = table({5: {0.8: 0.0, 0.9: 0.02, 0.95: 0.0}, 25: {0.8: 0.05, 0.9: 0.0, 0.95: 0.0}})
+    assert harness.calibrate(rows, floor=0.0) == [[0.9, 25], [0.8, 5]]
+
+
 def test_thin_cells_are_ignored():
     rows = [row(10, 0.7, 0.0, n=2), row(10, 0.8, 0.0), row(10, 0.9, 0.0)]
     assert harness.calibrate(rows, min_pairs=5, floor=0.0) == [[0.8, 10]]
