@@ -168,9 +168,19 @@ class LatentCache:
     def lookup(self, embedding: np.ndarray, key: CacheKey) -> LookupResult:
         """Find where a request can start.
 
+        The ``lookup_k`` nearest entries of the request's namespace are candidates. A candidate's
+        *usable K* is the largest step it actually holds that its similarity allows by the
+        thresholds: an entry admitted from a hit at K holds only steps after K (and evicted states
+        leave holes), so the nearest entry may hold nothing usable or only a smaller step while a
+        farther one holds the K its own similarity allows. The candidate with the largest usable
+        K wins; among equal K, the more similar one. ``lookup_k=1`` considers the nearest entry
+        only.
+
         Returns:
             An exact hit (final latents, start_step == steps), an approximate hit (a cached
-            state and its step) or a miss (start_step 0, latents None: the caller makes noise).
+            state and its step; ``similarity`` is the chosen entry's, which need not be the
+            nearest) or a miss (start_step 0, latents None: the caller makes noise; ``similarity``
+            is the nearest entry's).
         """
         self._count(key, "lookups")
         save = self.save_steps(key.steps)
@@ -182,7 +192,10 @@ class LatentCache:
                     self._count(key, "exact_hits")
                     return LookupResult(EXACT, key.steps, 1.0, state, key.prompt, ())
         best = 0.0
-        for entry_id, similarity in self.index.search(key.namespace, embedding, k=4):
+        # (usable step, similarity, entry) for every step a candidate holds within what its
+        # similarity allows; tried best first, so a state the store lost falls back to the next.
+        options: List[Tuple[int, float, _Entry]] = []
+        for entry_id, similarity in self.index.search(key.namespace, embedding, k=self.config.lookup_k):
             entry = self._entries[entry_id]
             if entry.synthetic:
                 continue  # benchmark filler: costs a search like a real entry, never matches
@@ -190,12 +203,14 @@ class LatentCache:
             wanted = start_step_for(similarity, self.config.thresholds, self.config.base_steps, key.steps)
             if wanted == 0:
                 break  # results are sorted: later ones are less similar
-            for step in sorted((s for s in entry.steps if 0 < s <= wanted), reverse=True):
-                state = self._use(entry_id, step)
-                if state is not None:
-                    self._count(key, "approximate_hits")
-                    return LookupResult(APPROXIMATE, step, similarity, state, entry.key.prompt,
-                                        tuple(s for s in save if s > step))
+            options.extend((step, similarity, entry) for step in entry.steps if 0 < step <= wanted)
+        options.sort(key=lambda option: (option[0], option[1]), reverse=True)
+        for step, similarity, entry in options:
+            state = self._use(entry.entry_id, step)
+            if state is not None:
+                self._count(key, "approximate_hits")
+                return LookupResult(APPROXIMATE, step, similarity, state, entry.key.prompt,
+                                    tuple(s for s in save if s > step))
         self._count(key, "misses")
         # A miss still reports the nearest similarity seen, so clients can see how close it came.
         return LookupResult(MISS, 0, best, None, "", save)

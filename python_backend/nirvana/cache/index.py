@@ -78,6 +78,7 @@ IVF_MAX_NPROBE = 256  # the recall check's cap
 RECALL_TARGET = 0.99  # recall@1 against exact search the recall check asks for
 RECALL_SAMPLE = 200  # stored vectors used as queries by the recall check
 RECALL_NOISE = 0.15  # relative perturbation of those queries (cosine ~0.99 to the stored vector)
+GPU_MAX_K = 2048  # most results a faiss GPU index returns per query (GPU_MAX_SELECTION_K)
 
 
 def normalize(vector: np.ndarray) -> np.ndarray:
@@ -406,16 +407,39 @@ class _Shard:
             self._build = None
 
     def search(self, query: np.ndarray, k: int) -> List[Tuple[int, float]]:
+        """The ``k`` nearest live entries (fewer when the shard, or what an approximate index
+        reaches, holds fewer), best first.
+
+        faiss is asked for ``k`` plus some room for tombstones, not for every tombstone: a shard
+        may hold a quarter of its size dead, and asking for all of them costs (1.7x the search at
+        30k vectors, 7.5k dead) and exceeds what a GPU index selects (``GPU_MAX_K``). When the
+        tombstones among the results leave fewer than ``k`` live ones, the search is repeated with
+        twice the room; faiss's -1 ids (fewer neighbours than asked: a small shard, or an IVF's
+        probed lists running out) end it.
+        """
         self.poll()
-        wanted = min(len(self.ids), k + self.dead)
-        sims, positions = self.index.search(query, wanted)
-        hits = []
-        for pos, sim in zip(positions[0], sims[0]):
-            if pos >= 0 and self.ids[pos] >= 0:
-                hits.append((self.ids[pos], float(sim)))
-                if len(hits) == k:
-                    break
-        return hits
+        size = len(self.ids)
+        if k <= 0 or size == 0:
+            return []
+        wanted = min(size, k + min(self.dead, max(k, 32)))
+        while True:
+            sims, positions = self._search(query, wanted)
+            hits = []
+            for pos, sim in zip(positions[0], sims[0]):
+                if pos >= 0 and self.ids[pos] >= 0:
+                    hits.append((self.ids[pos], float(sim)))
+                    if len(hits) == k:
+                        return hits
+            if wanted >= size or not self.dead or (positions[0] < 0).any():
+                return hits  # nothing more to find: every vector asked for, or all the index reaches
+            wanted = min(size, 2 * wanted)
+
+    def _search(self, query: np.ndarray, wanted: int) -> Tuple[np.ndarray, np.ndarray]:
+        if self.gpu_resources is not None and wanted > GPU_MAX_K:
+            # Beyond what the GPU index selects: exact search over the CPU copy (rare: a shard
+            # with thousands of tombstones among a query's nearest).
+            return faiss.knn(query, self.vectors, wanted, faiss.METRIC_INNER_PRODUCT)
+        return self.index.search(query, wanted)
 
     def stats(self) -> Dict[str, object]:
         out: Dict[str, object] = {"vectors": self.live, "search": "ivf" if self.ivf else
@@ -521,7 +545,9 @@ class EmbeddingIndex:
             del self._shards[namespace]
 
     def search(self, namespace: Hashable, embedding: np.ndarray, k: int = 4) -> List[Tuple[int, float]]:
-        """The ``k`` nearest live entries of ``namespace`` as (entry_id, cosine similarity), best first."""
+        """The ``k`` nearest live entries of ``namespace`` as (entry_id, cosine similarity), best first;
+        fewer when the namespace holds fewer (or an approximate index reaches fewer): any ``k``
+        is valid, faiss's -1 ids for missing neighbours never come out."""
         self._check_open()
         shard: Optional[_Shard] = self._shards.get(namespace)
         if shard is None or shard.live == 0:
