@@ -83,26 +83,31 @@ def test_a_killed_stub_fails_its_request_and_the_watchdog_reloads_the_model(repo
     with TritonServer(repository, watchdog_interval_s=2) as server:
         with Txt2ImgClient(server.grpc_url, "grpc", timeout_s=60) as client:
             assert client.generate("a pear on a plate", seed=1, steps=2).image.shape == (64, 64, 3)
-            outcome = []
+            outcomes = []
 
-            def in_flight():
+            def in_flight(n):
                 try:
                     with Txt2ImgClient(server.grpc_url, "grpc", timeout_s=15) as short:
-                        short.generate("a long request that will lose its stub", seed=2, steps=200)
-                    outcome.append("finished")
+                        short.generate(f"a long request {n} that will lose its stub", seed=2, steps=200)
+                    outcomes.append("finished")
                 except Txt2ImgError as exc:
-                    outcome.append(str(exc))
+                    outcomes.append(str(exc))
 
-            thread = threading.Thread(target=in_flight)
-            thread.start()
-            threading.Event().wait(1.5)
+            # Four 200-step requests share the step engine's ticks (8 guided rows a tick), so they
+            # are still running when the stub dies, however fast the UNet.
+            threads = [threading.Thread(target=in_flight, args=(n,)) for n in range(4)]
+            for thread in threads:
+                thread.start()
+            threading.Event().wait(1.0)
             stubs = python_stubs(server, "unet_loop")
             assert stubs
             for stub in stubs:
                 stub.kill()  # SIGKILL; psutil checks the pid still is that stub
-            thread.join(timeout=60)
-            assert not thread.is_alive() and outcome and outcome[0] != "finished"
-            assert "is not healthy" in outcome[0] or "Deadline Exceeded" in outcome[0]
+            for thread in threads:
+                thread.join(timeout=60)
+            assert not any(t.is_alive() for t in threads) and len(outcomes) == 4
+            assert all(o != "finished" for o in outcomes), outcomes
+            assert all("is not healthy" in o or "Deadline Exceeded" in o for o in outcomes), outcomes
             for _ in range(60):  # the watchdog probes every 2 s and reloads unet_loop
                 if server.watchdog.reloads:
                     break
