@@ -143,7 +143,7 @@ def train_vae_stage(args, images: np.ndarray, out: Path) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     vae.eval()
@@ -209,7 +209,7 @@ def train_unet_stage(args, examples: List[shapes.Example], images: np.ndarray, c
         with torch.no_grad():
             for e, p in zip(ema.parameters(), unet.parameters()):
                 e.lerp_(p, 1 - decay)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
