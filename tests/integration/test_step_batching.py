@@ -82,13 +82,13 @@ def generate(server, protocol="grpc", **kwargs):
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_a_short_request_sent_after_a_long_one_returns_first(server, protocol):
-    long_kwargs = dict(prompt=f"a long generation over {protocol}", seed=1, steps=50, cache=False)
+    long_kwargs = dict(prompt=f"a long generation over {protocol}", seed=1, steps=200, cache=False)
     short_kwargs = dict(prompt=f"a short generation over {protocol}", seed=2, steps=10, cache=False)
     (long_result, short_result), finished = run_concurrently([
         (0, lambda: generate(server, protocol, **long_kwargs)),
         (0.1, lambda: generate(server, protocol, **short_kwargs))])
     assert not isinstance(long_result, Exception) and not isinstance(short_result, Exception)
-    assert finished[1] < finished[0], "the 10-step request waited for the 50-step one"
+    assert finished[1] < finished[0], "the 10-step request waited for the 200-step one"
     assert short_result.latency_s < long_result.latency_s
 
 
@@ -120,15 +120,16 @@ def test_concurrent_outputs_equal_solo_outputs(server):
 
 
 def test_two_identical_requests_in_flight_run_the_unet_once(server):
-    request = dict(prompt="two identical requests at once", seed=77, steps=30, cache=False)
+    # 200 steps: the first is still running when the second arrives 0.2 s later, however fast the UNet.
+    request = dict(prompt="two identical requests at once", seed=77, steps=200, cache=False)
     before = scrape(server)
     (a, b), _ = run_concurrently([(0, lambda: generate(server, **request)), (0.2, lambda: generate(server, **request))])
-    after = settled(server, before, "nirvana_unet_tick_rows_total", 30)
+    after = settled(server, before, "nirvana_unet_tick_rows_total", 200)
     assert not isinstance(a, Exception) and not isinstance(b, Exception)
     assert [a.coalesced, b.coalesced] == [False, True]
     np.testing.assert_array_equal(a.image, b.image)
     rows = metric(after, "nirvana_unet_tick_rows_total") - metric(before, "nirvana_unet_tick_rows_total")
-    assert rows == 30  # one row for 30 steps, not two
+    assert rows == 200  # one row for 200 steps, not two
     assert metric(after, "nirvana_unet_coalesced_rows_total") - metric(before, "nirvana_unet_coalesced_rows_total") == 1
 
 
