@@ -79,26 +79,22 @@ def save_plot(path: Path, rows: Sequence[dict], gate: float) -> None:
 
 def write_thresholds(repository: Path, thresholds: List[List[float]]) -> List[Path]:
     """Put ``thresholds`` into every pipeline.json of an exported repository."""
+    import dataclasses
+
+    from nirvana.config import PIPELINE_FILE, PipelineSpec
+
     written = []
-    for path in sorted(repository.glob("*/1/pipeline.json")):
-        data = json.loads(path.read_text())
-        data["thresholds"] = thresholds
-        path.write_text(json.dumps(data, indent=2, sort_keys=True))
-        written.append(path)
+    for path in sorted(repository.glob(f"*/1/{PIPELINE_FILE}")):
+        spec = PipelineSpec.load(path.parent)
+        written.append(dataclasses.replace(spec, thresholds=thresholds).save(path.parent))
     return written
 
 
 def load_prompts(path: Path) -> List[str]:
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                prompt = str(json.loads(line).get("prompt", "")).strip()
-                if prompt:
-                    prompts.append(prompt)
-    if not prompts:
-        raise ValueError(f"{path}: no rows with a prompt")
-    return prompts
+    """The prompts of a JSON Lines log (``nirvana-simulate``'s reader)."""
+    from nirvana_perf.simulate import load_log
+
+    return [str(row["prompt"]).strip() for row in load_log(path)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
