@@ -41,3 +41,15 @@ def tiny_unet():
         return unet(sample, timestep, hidden, return_dict=False)[0]
 
     return predict
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free loopback port with AOF (appendfsync always) in tmp_path."""
+    from nirvana.redisserver import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()

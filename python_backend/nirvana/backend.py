@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from nirvana.inputs import InvalidInput
+from nirvana.cache.shared import SharedTierError
 from nirvana.step_engine import EngineUnavailable, RequestCancelled
 
 Outputs = Dict[str, np.ndarray]
@@ -49,12 +50,12 @@ def request_parameters(request) -> Dict[str, Any]:
 
 def error_response(pb_utils, exc: BaseException):
     """INVALID_ARG for bad input (the message names the field); UNAVAILABLE for a missing admin key
-    (what Triton's own restricted protocols answer) and for an overloaded, stopping or timed-out
-    UNet loop (the client may retry); CANCELLED for a cancelled request; INTERNAL otherwise."""
+    (what Triton's own restricted protocols answer), for an overloaded, stopping or timed-out
+    UNet loop and for an admin flush that could not reach the shared tier (the client may retry); CANCELLED for a cancelled request; INTERNAL otherwise."""
     codes = pb_utils.TritonError
     if isinstance(exc, InvalidInput):
         return pb_utils.InferenceResponse(error=codes(str(exc), codes.INVALID_ARG))
-    if isinstance(exc, (PermissionError, EngineUnavailable)):
+    if isinstance(exc, (PermissionError, EngineUnavailable, SharedTierError)):
         return pb_utils.InferenceResponse(error=codes(str(exc), codes.UNAVAILABLE))
     if isinstance(exc, RequestCancelled):
         return pb_utils.InferenceResponse(error=codes(str(exc), getattr(codes, "CANCELLED", codes.UNAVAILABLE)))

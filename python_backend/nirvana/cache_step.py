@@ -31,6 +31,8 @@ from nirvana.backend import PARAMETERS
 from nirvana.cache import CacheKey, LatentCache, LookupResult
 from nirvana.cache.engine import APPROXIMATE, DISABLED
 from nirvana.cache.persistence import CachePersistence
+from nirvana.cache.shared import SharedTier, SharedTierError
+from nirvana.cache.sync import SharedTierSync
 from nirvana.config import CacheConfig, PipelineSpec
 from nirvana.pipeline import Batch, Results, bytes_column, per_request
 
@@ -133,11 +135,39 @@ class CacheAdmission:
 
 
 class CacheAdmin:
-    """The admin surface's commands: stats, flush, snapshot (see :mod:`nirvana.admin`)."""
+    """The admin surface's commands: stats, flush, snapshot (see :mod:`nirvana.admin`).
+
+    With the shared tier, stats add every replica's counters and the tier's usage, and a flush
+    reaches every replica (through the shared tier's events) or fails UNAVAILABLE so that it is
+    retried: a flush that missed Redis would come back from it."""
 
     def __init__(self, cache: LatentCache, lock: threading.Lock, persistence: Optional[CachePersistence],
-                 admin_key: Optional[str]):
+                 admin_key: Optional[str], sync: Optional[SharedTierSync] = None):
         self.cache, self.lock, self.persistence, self.admin_key = cache, lock, persistence, admin_key
+        self.sync = sync
+
+    def _shared_stats(self) -> Dict[str, object]:
+        """The shared tier's usage and every replica's published counters, summed too."""
+        tier = self.sync.tier
+        out: Dict[str, object] = {"synced": self.sync.synced, "position": self.sync.position,
+                                  "last_resync": self.sync.last_resync}
+        if not tier.available:
+            return out
+        try:
+            out["usage"] = tier.usage()
+            replicas = tier.replica_stats()
+        except Exception as exc:  # noqa: BLE001 - a stats call never fails because Redis did
+            out["error"] = repr(exc)
+            return out
+        out["replicas"] = replicas
+        totals: collections.Counter = collections.Counter()
+        for record in replicas.values():
+            for name, value in (record.get("lookups") or {}).items():
+                totals[name] += int(value)
+            for name in ("steps_run", "steps_saved"):
+                totals[name] += int(record.get(name, 0))
+        out["totals"] = dict(totals)
+        return out
 
     def __call__(self, inputs) -> Dict[str, np.ndarray]:
         admin.check_key(inputs.get(PARAMETERS) or {}, self.admin_key)
@@ -151,15 +181,22 @@ class CacheAdmin:
                           else {**self.cache.stats(), "tenants": self.cache.all_tenant_stats()})
             if self.persistence is not None and tenant is None:
                 result["persistence"] = self.persistence.stats()
+            if self.sync is not None and tenant is None:
+                result["shared"].update(self._shared_stats())
         elif command == "flush":
             with self.lock:
-                flushed = self.cache.flush(tenant)
+                try:
+                    flushed = self.cache.flush(tenant)
+                except SharedTierError as exc:
+                    raise SharedTierError(f"flushed here, but the shared tier (Redis) could not be flushed, so other "
+                                          f"replicas still serve the entries: retry the flush ({exc})") from exc
             # Persist the flush at once, keeping no older snapshot, so a restart cannot bring it back.
             snapshot = self.persistence.compact(keep=1) if self.persistence is not None else None
             result = {"tenant": tenant, "flushed_entries": flushed, "snapshot": snapshot and str(snapshot)}
         elif command == "snapshot":
             if self.persistence is None:
-                raise rq.InvalidInput("COMMAND", "snapshot needs the latent_cache parameter snapshot_path")
+                raise rq.InvalidInput("COMMAND", "snapshot needs the latent_cache parameter snapshot_path (with "
+                                                 "redis_url, Redis's own persistence is the store)")
             snapshot = self.persistence.compact()
             result = {"snapshot": str(snapshot), "entries": len(self.cache)}
         else:
@@ -184,7 +221,12 @@ class CacheStep:
                  admin_key: Optional[str] = None, log: Optional[Callable[[str], None]] = None):
         self.spec = PipelineSpec.load(directory)
         self.config = config = config.with_model_thresholds(self.spec)
-        self.cache = LatentCache(config, self.spec.embedding_dim, device)
+        shared = None
+        if config.redis_url:
+            shared = SharedTier(config.redis_url, f"{config.shared_prefix}:{self.spec.model_id}", config.shared_bytes,
+                                policy=config.eviction, timeout_s=config.shared_timeout_ms / 1000.0,
+                                replica_id=config.replica_id)
+        self.cache = LatentCache(config, self.spec.embedding_dim, device, shared=shared)
         self.lock = threading.Lock()
         self.counters = CacheCounters()
         self.persistence: Optional[CachePersistence] = None
@@ -200,9 +242,16 @@ class CacheStep:
                 self.restore_report = {"snapshot": None, "entries": 0, "states": 0, "problems": [
                     f"{config.snapshot_path} is locked by another live process (another server or model instance "
                     f"on the same snapshot_path); serving WITHOUT persistence"]}
+        self.sync: Optional[SharedTierSync] = None
+        if config.redis_url:
+            self.sync = SharedTierSync(self.cache, self.cache.shared, self.lock, stats=self.replica_stats, log=log)
+            # A restarted replica serves its earlier entries from its first request; with Redis
+            # unreachable it serves from nothing and catches up once Redis answers.
+            self.sync.start()
+            self.restore_report = {"shared": self.sync.last_resync or f"redis unreachable: {self.cache.shared.last_error}"}
         self.lookup = CacheLookup(self.cache, self.spec, self.counters, self.lock)
         self.admission = CacheAdmission(self.cache, self.counters, self.lock, self.persistence)
-        self.admin = CacheAdmin(self.cache, self.lock, self.persistence, admin_key)
+        self.admin = CacheAdmin(self.cache, self.lock, self.persistence, admin_key, self.sync)
 
     def execute(self, batch: Batch) -> Results:
         return per_request(batch, self._one)
@@ -210,10 +259,20 @@ class CacheStep:
     def close(self) -> None:
         """Model unload: final snapshot, journal closed, background index builds stopped."""
         try:
+            if self.sync is not None:
+                self.sync.close()
             if self.persistence is not None:
                 self.persistence.close()
         finally:
             self.cache.close()
+            if self.cache.shared is not None:
+                self.cache.shared.close()
+
+    def replica_stats(self) -> Dict[str, object]:
+        """This replica's request counters, as the shared tier publishes them for the admin stats."""
+        c = self.counters
+        return {"lookups": dict(c.lookups), "steps_run": c.steps_run, "steps_saved": c.steps_saved,
+                "coalesced": c.coalesced, "entries": len(self.cache)}
 
     def _keys(self, inputs, rows: int) -> List[CacheKey]:
         prompts = rq.decode_texts(inputs["PROMPT"], "PROMPT", rows, required=True, max_bytes=1 << 30)

@@ -202,6 +202,21 @@ class CacheConfig:
     # (LatentCache.fill_synthetic, perf/cache_cost.py). 0 in any real deployment.
     synthetic_entries: int = 0
     synthetic_steps: int = 0
+    # Shared tier (nirvana.cache.shared): replicas share their states through Redis at redis_url
+    # ("" = off; redis://host:port/db, rediss://, unix://; the password from the environment,
+    # NIRVANA_REDIS_PASSWORD). Redis then is the durable store (run it with appendonly yes), so
+    # snapshot_path must be empty. shared_bytes: the states Redis keeps, evicted by the same
+    # policy over every replica's states (set Redis's maxmemory above it, policy noeviction).
+    # shared_timeout_ms: the longest a request waits on Redis; past it (or with Redis down) the
+    # replica serves from its local tiers and reconnects in the background. 100 ms: a loopback or
+    # in-cluster fetch takes well under 1 ms, and one timeout per outage is what a request pays.
+    # replica_id: this server in the events stream and the cross-replica stats ("": host:pid;
+    # the pod name under Kubernetes).
+    redis_url: str = ""
+    shared_bytes: int = 4 << 30
+    shared_prefix: str = "nirvana"
+    shared_timeout_ms: int = 100
+    replica_id: str = ""
 
     def with_model_thresholds(self, spec: "PipelineSpec") -> "CacheConfig":
         """This config, with the model's thresholds where none are configured.
@@ -240,6 +255,18 @@ class CacheConfig:
             raise ConfigError(f"appendfsync must be always, everysec or off, not {self.appendfsync!r}")
         if self.store_dtype not in ("float16", "float32", "bfloat16"):
             raise ConfigError("store_dtype must be float16, bfloat16 or float32")
+        if self.redis_url:
+            if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+                raise ConfigError(f"redis_url must start with redis://, rediss:// or unix://, not {self.redis_url!r}")
+            if self.snapshot_path:
+                raise ConfigError("redis_url and snapshot_path are exclusive: with the shared tier on, Redis "
+                                  "(appendonly yes) is the durable store")
+            if self.synthetic_entries:
+                raise ConfigError("synthetic_entries (benchmark-only) cannot be combined with redis_url")
+        if self.shared_bytes < 1 or self.shared_timeout_ms < 1:
+            raise ConfigError("shared_bytes and shared_timeout_ms must be >= 1")
+        if not self.shared_prefix.strip(":"):
+            raise ConfigError("shared_prefix must not be empty")
 
 
 BATCHING_MODES = ("step", "execute")

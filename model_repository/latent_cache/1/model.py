@@ -21,7 +21,7 @@ class TritonPythonModel:
         report = self.step.restore_report
         if report.get("problems"):
             pb_utils.Logger.log_warn(f"latent_cache restored with problems (each skipped): {report}")
-        elif report.get("snapshot") or report.get("journal_records"):
+        elif report.get("snapshot") or report.get("journal_records") or report.get("shared"):
             pb_utils.Logger.log_info(f"latent_cache restored {report}")
 
     def execute(self, requests):

@@ -4,12 +4,19 @@ A cached *entry* is one generated prompt: its embedding (in the index), the
 noise states after each cache step K (in the store), and optionally its final
 latents for the exact-hit fast path. States are evicted one by one; an entry
 leaves the index once it has no state left.
+
+With a shared tier (:mod:`nirvana.cache.shared`, Redis), the local store is a read-through
+cache of it: an entry also knows the steps the shared tier holds (admitted by any replica,
+learned from its events stream), a lookup may choose one of them and fetch it, and every
+admission and flush goes to the shared tier too. The shared tier failing never fails a lookup
+or an admission: the cache then serves what it holds locally.
 """
 
 from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import gc
 import hashlib
 import itertools
@@ -23,6 +30,7 @@ import torch
 
 from nirvana.cache.index import EmbeddingIndex
 from nirvana.cache.policy import StateStats, eviction_score
+from nirvana.cache.shared import SharedEntry, SharedTier, SharedTierError
 from nirvana.cache.store import DTYPES, DiskTier, LatentStore, MemoryTier
 from nirvana.config import CacheConfig
 from nirvana.steps import scale_steps, start_step_for
@@ -114,8 +122,9 @@ class _Entry:
     entry_id: int
     key: CacheKey
     embedding: np.ndarray
-    steps: set = field(default_factory=set)  # cached steps, FINAL included
+    steps: set = field(default_factory=set)  # cached steps in the local store, FINAL included
     synthetic: bool = False  # benchmark filler (fill_synthetic): searched, never served
+    shared_steps: set = field(default_factory=set)  # steps the shared tier holds (as last heard)
 
 
 class LatentCache:
@@ -125,10 +134,13 @@ class LatentCache:
         config: The latent_cache model parameters.
         embedding_dim: Width of the prompt embeddings.
         device: Where the device tier lives (CUDA when present); ignored without a device budget.
+        shared: The shared tier every replica sees (None: this cache is the only one).
     """
 
-    def __init__(self, config: CacheConfig, embedding_dim: int, device: Optional[torch.device] = None):
+    def __init__(self, config: CacheConfig, embedding_dim: int, device: Optional[torch.device] = None,
+                 shared: Optional[SharedTier] = None):
         self.config = config
+        self.shared = shared
         self.index = EmbeddingIndex(embedding_dim, kind=config.index, use_gpu=config.use_gpu,
                                     threads=config.index_threads)
         tiers = []
@@ -203,7 +215,7 @@ class LatentCache:
             wanted = start_step_for(similarity, self.config.thresholds, self.config.base_steps, key.steps)
             if wanted == 0:
                 break  # results are sorted: later ones are less similar
-            options.extend((step, similarity, entry) for step in entry.steps if 0 < step <= wanted)
+            options.extend((step, similarity, entry) for step in self._held_steps(entry) if 0 < step <= wanted)
         options.sort(key=lambda option: (option[0], option[1]), reverse=True)
         for step, similarity, entry in options:
             state = self._use(entry.entry_id, step)
@@ -219,17 +231,58 @@ class LatentCache:
         self.counters[name] += 1
         self.tenant_counters[key.tenant][name] += 1
 
+    def _held_steps(self, entry: _Entry) -> set:
+        """The steps a lookup may choose: local ones, and shared ones while the shared tier is up."""
+        if entry.shared_steps and self.shared is not None and self.shared.available:
+            return entry.steps | entry.shared_steps
+        return entry.steps
+
     def _use(self, entry_id: int, step: int) -> Optional[torch.Tensor]:
-        state = self.store.get((entry_id, step))
-        if state is None:
-            self._forget_state(entry_id, step)
+        entry = self._entries.get(entry_id)
+        if entry is None:
             return None
+        state = self.store.get((entry_id, step))
+        if state is None and step in entry.steps:
+            self._forget_state(entry_id, step)  # the local tier lost it (a damaged disk file)
+        if state is None:
+            return self._fetch_shared(entry, step)
         stats = self._stats[(entry_id, step)]
         stats.uses += 1
         stats.last_used = next(self._clock)
         stats.floor = self.store.inflation
         self.store.set_score((entry_id, step), self._score(stats))
+        if step in entry.shared_steps and self.shared is not None:
+            self.shared.record_use(entry.key.tenant, entry.key.digest(), step)
         return state
+
+    def _fetch_shared(self, entry: _Entry, step: int) -> Optional[torch.Tensor]:
+        """A state from the shared tier, kept in the local store (read-through); None when the
+        tier is down or no longer holds it."""
+        if step not in entry.shared_steps or self.shared is None or not self.shared.available:
+            return None
+        try:
+            state = self.shared.fetch(entry.key.tenant, entry.key.digest(), step)
+        except SharedTierError:
+            return None  # served without it; the sync thread reconnects
+        if state is None:  # evicted or flushed, and the event not applied yet
+            self._forget_shared(entry, step)
+            return None
+        self._store_local(entry, step, state)
+        return state
+
+    def _store_local(self, entry: _Entry, step: int, tensor: torch.Tensor, uses: int = 1) -> bool:
+        """Put one state in the local store with fresh statistics; False if the store dropped it."""
+        now = next(self._clock)
+        weight = entry.key.steps if step == FINAL else step
+        stats = StateStats(weight, inserted=now, last_used=now, uses=uses, floor=self.store.inflation)
+        self._stats[(entry.entry_id, step)] = stats
+        entry.steps.add(step)
+        dtype = torch.float32 if step == FINAL else None
+        dropped = self.store.put((entry.entry_id, step), tensor, self._score(stats), dtype)
+        for victim in dropped:
+            self.counters["evicted_states"] += 1
+            self._forget_state(*victim)
+        return (entry.entry_id, step) not in dropped
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -286,7 +339,98 @@ class LatentCache:
                     stored -= 1
                 self._forget_state(*victim)
         self.counters["admitted_states"] += stored
+        if self.shared is not None:
+            self._publish(key, entry.embedding, states)
         return stored
+
+    def _publish(self, key: CacheKey, embedding: np.ndarray, states: Mapping[int, torch.Tensor]) -> bool:
+        """Admit states to the shared tier too, in the dtypes the local store keeps them in (fp16
+        states, fp32 final latents). False when the tier is down (the states stay local)."""
+        if not self.shared.available:
+            return False
+        payload = {step: (tensor.to(torch.float32 if step == FINAL else self.store.dtype),
+                          key.steps if step == FINAL else step) for step, tensor in states.items()}
+        try:
+            evicted = self.shared.admit(key.tenant, key.digest(), dataclasses.asdict(key), embedding, payload)
+        except SharedTierError:
+            return False
+        self.apply_shared_put(key, embedding, tuple(states))
+        for tenant, digest, step in evicted:
+            self.apply_shared_forget(digest, (step,))
+        return True
+
+    # -- the shared tier's events (applied by nirvana.cache.sync under the cache's lock) --------
+
+    def _wanted_steps(self, key: CacheKey) -> set:
+        return set(self.save_steps(key.steps)) | ({FINAL} if self.config.exact_hit else set())
+
+    def apply_shared_put(self, key: CacheKey, embedding: np.ndarray, steps: Iterable[int],
+                         replace: bool = False) -> None:
+        """The shared tier holds ``steps`` of ``key``'s entry (admitted by any replica): index it.
+        ``replace``: these are all the steps it holds (a resync), not additions."""
+        held = {int(s) for s in steps} & self._wanted_steps(key)  # another configuration's steps are ignored
+        digest = key.digest()
+        entry_id = self._by_digest.get(digest)
+        if entry_id is None:
+            if not held:
+                return
+            entry_id = next(self._ids)
+            self._entries[entry_id] = _Entry(entry_id, key, np.asarray(embedding, dtype=np.float32))
+            self._by_digest[digest] = entry_id
+            self.index.add(key.namespace, entry_id, self._entries[entry_id].embedding)
+        entry = self._entries[entry_id]
+        if replace:
+            entry.shared_steps = held
+            self._drop_if_empty(entry)
+        else:
+            entry.shared_steps |= held
+
+    def apply_shared_forget(self, digest: str, steps: Iterable[int]) -> None:
+        """The shared tier evicted ``steps`` of an entry; a local copy stays until evicted locally."""
+        entry_id = self._by_digest.get(digest)
+        if entry_id is not None:
+            for step in steps:
+                self._forget_shared(self._entries[entry_id], int(step))
+
+    def _forget_shared(self, entry: _Entry, step: int) -> None:
+        entry.shared_steps.discard(step)
+        self._drop_if_empty(entry)
+
+    def _drop_if_empty(self, entry: _Entry) -> None:
+        if not entry.steps and not entry.shared_steps and entry.entry_id in self._entries:
+            self.index.remove(entry.entry_id)
+            del self._entries[entry.entry_id]
+            if self._by_digest.get(entry.key.digest()) == entry.entry_id:
+                del self._by_digest[entry.key.digest()]
+
+    def replace_shared_view(self, entries: Iterable[SharedEntry]) -> Dict[str, int]:
+        """Make the entries' shared steps what the shared tier holds now (catch-up after start or
+        an outage: events may have been missed), then admit to it the states admitted here while
+        it was unreachable.
+
+        Returns:
+            shared entries seen, entries republished.
+        """
+        seen = set()
+        for shared in entries:
+            try:
+                key = CacheKey(**shared.key)
+            except TypeError:
+                continue  # written by another version of this package: not comparable
+            self.apply_shared_put(key, shared.embedding, shared.steps, replace=True)
+            seen.add(key.digest())
+        republished = 0
+        for entry in list(self._entries.values()):
+            if entry.synthetic:
+                continue
+            if entry.key.digest() not in seen and entry.shared_steps:
+                entry.shared_steps = set()
+            local_only = {step: self.store.get((entry.entry_id, step)) for step in entry.steps - entry.shared_steps}
+            local_only = {step: tensor for step, tensor in local_only.items() if tensor is not None}
+            if local_only and self.shared is not None:
+                republished += self._publish(entry.key, entry.embedding, local_only)
+            self._drop_if_empty(entry)
+        return {"shared_entries": len(seen), "republished_entries": republished}
 
     def _forget_state(self, entry_id: int, step: int) -> None:
         known = self._stats.pop((entry_id, step), None) is not None
@@ -297,7 +441,7 @@ class LatentCache:
         if entry is None:
             return
         entry.steps.discard(step)
-        if not entry.steps:
+        if not entry.steps and not entry.shared_steps:
             self.index.remove(entry_id)
             del self._entries[entry_id]
             if entry.synthetic:
@@ -305,11 +449,19 @@ class LatentCache:
             elif self._by_digest.get(entry.key.digest()) == entry_id:
                 del self._by_digest[entry.key.digest()]
 
-    def flush(self, tenant: Optional[str] = None) -> int:
+    def flush(self, tenant: Optional[str] = None, shared: bool = True) -> int:
         """Drop every entry of ``tenant`` (all tenants when None), from the index and every tier.
 
+        Args:
+            shared: Flush the shared tier too, which tells every replica (False: applying a
+                flush another replica made).
+
         Returns:
-            How many entries were dropped.
+            How many entries were dropped here.
+
+        Raises:
+            SharedTierError: After the local flush, when the shared tier could not be flushed
+                (the caller must retry: a replica would otherwise bring the entries back).
         """
         doomed = [e for e in self._entries.values() if tenant is None or e.key.tenant == tenant]
         listener, self.listener = self.listener, None  # one "flush" record instead of one per state
@@ -323,13 +475,17 @@ class LatentCache:
             self.tenant_counters.clear()
         else:
             self.tenant_counters.pop(tenant, None)
+        if shared and self.shared is not None:
+            self.shared.flush(tenant)
         return len(doomed)
 
     def _flush_entries(self, doomed: List[_Entry]) -> None:
         for entry in doomed:
+            entry.shared_steps = set()
             for step in list(entry.steps):
                 self._forget_state(entry.entry_id, step)
                 self.counters["flushed_states"] += 1
+            self._drop_if_empty(entry)  # an entry only the shared tier held
 
     # -- persistence (public: snapshots, the journal and replicas use only this) ---------------
 
@@ -437,6 +593,9 @@ class LatentCache:
         shard's measured recall@1 and nprobe, see :meth:`EmbeddingIndex.stats`)."""
         stats = {"entries": len(self._entries), "states": len(self.store), "tiers": self.store.usage(),
                  **self.counters, "index": self.index.stats()}
+        if self.shared is not None:
+            stats["shared"] = {**self.shared.stats(),
+                               "indexed_states": sum(len(e.shared_steps) for e in self._entries.values())}
         if self.synthetic_entries or self.fill_report:
             stats["synthetic_entries"] = self.synthetic_entries
             stats["synthetic_fill"] = self.fill_report

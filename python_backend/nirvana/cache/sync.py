@@ -1,0 +1,153 @@
+"""Keeps a replica's cache in step with the shared tier: one background thread per replica.
+
+The thread tails the shared tier's events stream and applies other replicas' admissions,
+evictions and flushes to the local index (under the cache's lock), batches the uses served
+from local copies into the global eviction statistics, and publishes this replica's counters
+for the cross-replica stats.
+
+On start, and whenever Redis comes back after an outage, it *resyncs*: it notes the newest
+event, reads every entry Redis holds (the replica's catch-up after a restart; Redis's AOF made
+them durable), replaces the index's view of the shared tier with it, re-admits what this
+replica admitted while Redis was unreachable, and tails from the noted event. A replica so far
+behind that the stream was trimmed past its position resyncs the same way.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Dict, Optional
+
+from nirvana.cache.engine import CacheKey, LatentCache
+from nirvana.cache.shared import SharedEvent, SharedTier, SharedTierError
+
+
+def _stream_id(text: str):
+    milliseconds, _, sequence = text.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+class SharedTierSync:
+    """The follower thread of one replica (see the module docstring).
+
+    Args:
+        lock: The lock every user of ``cache`` holds.
+        block_ms: How long one stream read waits for events: an upper bound of how late another
+            replica's admission is indexed here (plus the apply time).
+        retry_s: Seconds between reconnection attempts while Redis is unreachable.
+        stats_interval_s: How often this replica's counters are published (and the stream's
+            trimming checked).
+        stats: Returns this replica's counters (the model's request counters).
+        log: Where state changes are reported (Triton's logger in the model).
+    """
+
+    def __init__(self, cache: LatentCache, tier: SharedTier, lock: threading.Lock, block_ms: int = 100,
+                 retry_s: float = 1.0, stats_interval_s: float = 2.0,
+                 stats: Optional[Callable[[], Dict[str, object]]] = None,
+                 log: Optional[Callable[[str], None]] = None):
+        self.cache, self.tier, self.lock = cache, tier, lock
+        self.block_ms, self.retry_s, self.stats_interval_s = int(block_ms), float(retry_s), float(stats_interval_s)
+        self.stats = stats or (lambda: {})
+        self.log = log or (lambda message: None)
+        self.position = "0-0"  # the last event applied (or skipped as this replica's own)
+        self.last_resync: Dict[str, object] = {}
+        self._stop = threading.Event()
+        self._synced = threading.Event()
+        self._first_try = threading.Event()  # the first connection attempt ended (either way)
+        self._thread: Optional[threading.Thread] = None
+        self._reader = None
+        self._published_at = 0.0
+
+    def start(self, wait_s: float = 10.0) -> bool:
+        """Start following; waits up to ``wait_s`` for the first resync (a restarted replica then
+        serves its earlier entries from its first request). False when Redis did not answer (at
+        once, or in time): the replica serves from its local cache and catches up once it does."""
+        self._thread = threading.Thread(target=self._run, name="nirvana-shared-sync", daemon=True)
+        self._thread.start()
+        self._first_try.wait(wait_s)
+        return self._synced.is_set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._reader is not None:
+            self._reader.close()
+
+    @property
+    def synced(self) -> bool:
+        return self._synced.is_set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self.tier.available or not self._synced.is_set():
+                    if not self.tier.reconnect():
+                        self._first_try.set()
+                        self._stop.wait(self.retry_s)
+                        continue
+                    self.resync()
+                    self._first_try.set()
+                self._follow()
+            except SharedTierError:
+                self._synced.clear()  # resync once Redis answers again
+                self._first_try.set()
+                self._stop.wait(self.retry_s)
+            except Exception as exc:  # noqa: BLE001 - the thread must survive any one bad event
+                self.log(f"shared tier sync: {exc!r}; resyncing")
+                self._synced.clear()
+                self._stop.wait(self.retry_s)
+
+    def resync(self) -> Dict[str, object]:
+        """Catch up with everything Redis holds (see the module docstring)."""
+        began = time.perf_counter()
+        position = self.tier.last_event_id()
+        entries = list(self.tier.entries())
+        with self.lock:
+            report = self.cache.replace_shared_view(entries)
+        self.position = position
+        self.tier.counters.resyncs += 1
+        self.last_resync = {**report, "seconds": round(time.perf_counter() - began, 3), "position": position}
+        self._synced.set()
+        self.log(f"shared tier sync: caught up with {self.tier.redact(self.tier.url)}: {self.last_resync}")
+        return self.last_resync
+
+    def _follow(self) -> None:
+        if self._reader is None:
+            self._reader = self.tier.blocking_client(self.block_ms)
+        events = self.tier.read_events(self.position, self.block_ms, client=self._reader)
+        if events:
+            with self.lock:
+                for event in events:
+                    self._apply(event)
+            self.position = events[-1].event_id
+        self.tier.flush_uses()
+        now = time.monotonic()
+        if now - self._published_at >= self.stats_interval_s:
+            self._published_at = now
+            try:
+                with self.lock:
+                    stats = self.stats()
+            except RuntimeError:  # a counter changed size while copied: publish next time
+                stats = None
+            if stats is not None:
+                self.tier.publish_replica_stats(stats)
+            first = self.tier.first_event_id()
+            if first is not None and self.position != "0-0" and _stream_id(first) > _stream_id(self.position):
+                # Trimmed past this replica's position: events were missed.
+                self._synced.clear()
+
+    def _apply(self, event: SharedEvent) -> None:
+        if event.origin == self.tier.replica_id and event.op != "flush":
+            return  # applied when this replica made it
+        if event.op == "put" and event.key is not None:
+            try:
+                key = CacheKey(**event.key)
+            except TypeError:
+                return  # another version's key: not comparable
+            self.cache.apply_shared_put(key, event.embedding, event.steps)
+        elif event.op == "forget":
+            self.cache.apply_shared_forget(event.digest, event.steps)
+        elif event.op == "flush" and event.origin != self.tier.replica_id:
+            self.cache.flush(event.tenant, shared=False)
+        self.tier.counters.events_applied += 1
