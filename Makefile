@@ -39,7 +39,7 @@ QUALITY_PER_BAND ?= 30
 QUALITY_BASELINE ?= 500
 QUALITY_ARGS ?=
 
-.PHONY: help venv export serve demo test test-unit fuzz perf soak perf-deps clean train quality calibrate
+.PHONY: help venv export serve demo test test-unit fuzz perf soak perf-deps clean train quality calibrate redis-server
 help:
 	@echo "make demo    - install, export the embedded model, serve it, run a few prompts, stop"
 	@echo "make test    - install, export, run unit and integration tests (real tritonserver)"
@@ -71,11 +71,16 @@ serve: $(EXPORTED)
 demo: $(EXPORTED)
 	$(BIN)/python -m nirvana_client.demo --model-repository $(REPO) --output demo_output
 
-test: $(EXPORTED)
+test: $(EXPORTED) redis-server
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-unit: $(EXPORTED)
+test-unit: $(EXPORTED) redis-server
 	$(BIN)/python -m pytest --ignore=tests/integration $(PYTEST_ARGS)
+
+# Debian's redis-server (7.0): the shared cache tier's store. Tests and benchmarks start their own
+# on loopback ports; nothing is started here.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq redis-server)
 
 fuzz: $(EXPORTED)
 	NIRVANA_FUZZ_REQUESTS=$(FUZZ_REQUESTS) $(BIN)/python -m pytest -q tests/integration/test_fuzz.py
@@ -85,7 +90,7 @@ perf-deps: $(INSTALLED)
 	dpkg -s libb64-0d >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq libb64-0d)
 	$(BIN)/python -c "import nvidia.cuda_runtime" 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[perf]'
 
-perf: $(EXPORTED) perf-deps
+perf: $(EXPORTED) perf-deps redis-server
 	$(BIN)/python -m nirvana_perf.run_all --log $(PERF_LOG) --warmup $(PERF_WARMUP) --window $(PERF_WINDOW) \
 		--levels $(PERF_LEVELS) --batching $(PERF_BATCHING) --steps $(PERF_STEPS) --soak-seconds $(PERF_SOAK_SECONDS) $(PERF_ARGS)
 

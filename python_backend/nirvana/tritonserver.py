@@ -298,6 +298,12 @@ def main(argv=None) -> int:
                         help="keep the latent cache here across restarts (snapshots and journal; sets "
                              "latent_cache's snapshot_path in a run copy of the repository, the committed "
                              "config is left alone). Default: the config's snapshot_path (empty: no persistence)")
+    parser.add_argument("--redis-url",
+                        help="share the latent cache with other replicas through Redis at this URL (sets "
+                             "latent_cache's redis_url in a run copy; Redis's AOF is then the durable store, so "
+                             "not with --cache-dir). The password, if any: $NIRVANA_REDIS_PASSWORD")
+    parser.add_argument("--replica-id",
+                        help="this replica's name in the shared tier's events and stats (default: host:pid)")
     parser.add_argument("--restricted-apis", default=",".join(admin.RESTRICTED_APIS),
                         help="Triton API categories the admin key restricts (comma-separated; '' for none)")
     args, extra = parser.parse_known_args(argv)
@@ -306,8 +312,12 @@ def main(argv=None) -> int:
                else admin.server_key())
         apis = [a for a in args.restricted_apis.split(",") if a.strip()]
         repository = args.model_repository
-        if args.cache_dir and (repository / ".exported").exists():
-            repository = with_cache_dir(repository, args.cache_dir)
+        if args.cache_dir and args.redis_url:
+            raise ValueError("--cache-dir and --redis-url are exclusive: with the shared tier, Redis (appendonly "
+                             "yes) keeps the cache across restarts")
+        overrides = latent_cache_overrides(args.cache_dir, args.redis_url, args.replica_id)
+        if overrides and (repository / ".exported").exists():
+            repository = run_copy(repository, overrides)
         server = TritonServer(repository, args.http_port, args.grpc_port, args.metrics_port,
                               extra_args=extra, admin_key=key, restricted_apis=apis)
     except (OSError, ValueError) as exc:
@@ -338,18 +348,31 @@ def main(argv=None) -> int:
     code = process.wait()
     server.stop()
     if server.model_repository != args.model_repository.resolve():
-        shutil.rmtree(server.model_repository.parent, ignore_errors=True)  # the run copy (--cache-dir)
+        shutil.rmtree(server.model_repository.parent, ignore_errors=True)  # the run copy (--cache-dir, --redis-url)
     return 128 + received[0] if received else code
 
 
-def with_cache_dir(repository: Path, cache_dir: Path) -> Path:
-    """A run copy of ``repository`` (files hard-linked) whose latent_cache persists under ``cache_dir``."""
+def latent_cache_overrides(cache_dir: Optional[Path] = None, redis_url: Optional[str] = None,
+                           replica_id: Optional[str] = None) -> Dict[str, str]:
+    """The latent_cache parameters nirvana-serve's flags set (empty: the committed config as is)."""
+    overrides: Dict[str, str] = {}
+    if cache_dir:
+        cache_dir = Path(cache_dir).resolve()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        overrides["snapshot_path"] = str(cache_dir)
+    if redis_url:
+        overrides.update(redis_url=redis_url, snapshot_path="")
+    if replica_id:
+        overrides["replica_id"] = replica_id
+    return overrides
+
+
+def run_copy(repository: Path, latent_cache: Dict[str, str]) -> Path:
+    """A run copy of ``repository`` (files hard-linked) with these latent_cache parameters."""
     from nirvana_export.repository import repository_variant
 
-    cache_dir = Path(cache_dir).resolve()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    run_copy = Path(tempfile.mkdtemp(prefix="nirvana-serve-")) / "model_repository"
-    return repository_variant(repository, run_copy, {"latent_cache": {"snapshot_path": str(cache_dir)}})
+    copy = Path(tempfile.mkdtemp(prefix="nirvana-serve-")) / "model_repository"
+    return repository_variant(repository, copy, {"latent_cache": latent_cache})
 
 
 def _start_watchdog(server: TritonServer, interval_s: float) -> None:

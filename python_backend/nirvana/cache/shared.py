@@ -508,7 +508,9 @@ class SharedTier:
         """A separate connection for blocking stream reads (its timeout outlasts ``block_ms``)."""
         import redis
 
-        return redis.Redis.from_url(self.url, socket_timeout=self.timeout_s + block_ms / 1000.0,
+        # The block plus a second: a busy server may answer a block's end late, and a timeout here
+        # marks the tier down for every request.
+        return redis.Redis.from_url(self.url, socket_timeout=max(self.timeout_s, 1.0) + block_ms / 1000.0,
                                     socket_connect_timeout=max(self.timeout_s, 0.5),
                                     password=os.environ.get(PASSWORD_ENV) or None)
 

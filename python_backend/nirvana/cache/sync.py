@@ -14,12 +14,16 @@ behind that the stream was trimmed past its position resyncs the same way.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Callable, Dict, Optional
 
 from nirvana.cache.engine import CacheKey, LatentCache
 from nirvana.cache.shared import SharedEvent, SharedTier, SharedTierError
+
+
+log = logging.getLogger(__name__)
 
 
 def _stream_id(text: str):
@@ -109,7 +113,8 @@ class SharedTierSync:
         self.tier.counters.resyncs += 1
         self.last_resync = {**report, "seconds": round(time.perf_counter() - began, 3), "position": position}
         self._synced.set()
-        self.log(f"shared tier sync: caught up with {self.tier.redact(self.tier.url)}: {self.last_resync}")
+        if self.tier.counters.resyncs > 1:  # the first one is in the model's load report
+            log.warning("shared tier sync: caught up with %s: %s", self.tier.redact(self.tier.url), self.last_resync)
         return self.last_resync
 
     def _follow(self) -> None:
