@@ -11,6 +11,9 @@ PYTEST_ARGS ?=
 FUZZ_REQUESTS ?= 10000
 # Where `make serve` keeps the latent cache across restarts (snapshots + journal); empty: no persistence.
 CACHE_DIR ?= data/cache
+# `make serve REDIS_URL=redis://host:6379/0 [REPLICA_ID=name]`: share the cache with other replicas
+# through Redis instead (CACHE_DIR is then unused: Redis's AOF keeps the cache).
+REDIS_URL ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -66,7 +69,8 @@ $(EXPORTED): $(INSTALLED) $(wildcard export/*.py export/weights/* export/contain
 
 serve: $(EXPORTED)
 	$(BIN)/nirvana-serve --model-repository $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
-		$(if $(ADMIN_KEY_FILE),--admin-key-file $(ADMIN_KEY_FILE)) $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR))
+		$(if $(ADMIN_KEY_FILE),--admin-key-file $(ADMIN_KEY_FILE)) \
+		$(if $(REDIS_URL),--redis-url $(REDIS_URL) $(if $(REPLICA_ID),--replica-id $(REPLICA_ID)),$(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)))
 
 demo: $(EXPORTED)
 	$(BIN)/python -m nirvana_client.demo --model-repository $(REPO) --output demo_output

@@ -40,6 +40,17 @@ class CacheMetrics:
                                    family.COUNTER),
             "coalesced": make("nirvana_cache_coalesced_total", "Requests answered with an identical in-flight "
                               "request's result (not admitted again)", family.COUNTER),
+            # The shared tier (Redis), when redis_url is set.
+            "shared_up": make("nirvana_shared_tier_up", "1 while the shared tier (Redis) answers, 0 while this "
+                              "replica serves from its local tiers alone", family.GAUGE),
+            "shared_errors": make("nirvana_shared_tier_errors_total", "Shared tier calls that failed or timed out "
+                                  "(each served without it)", family.COUNTER),
+            "shared_reconnects": make("nirvana_shared_tier_reconnects_total", "Times the shared tier came back",
+                                      family.COUNTER),
+            "shared_fetches": make("nirvana_shared_tier_fetches_total", "States fetched from the shared tier by "
+                                   "result (hit, gone: evicted or flushed meanwhile)", family.COUNTER),
+            "shared_events": make("nirvana_shared_tier_events_applied_total", "Other replicas' admissions, "
+                                  "evictions and flushes applied to this replica's index", family.COUNTER),
         }
         self._metrics: Dict[Tuple[str, Tuple], object] = {}
         self._published: Dict[Tuple[str, Tuple], float] = {}
@@ -80,6 +91,14 @@ class CacheMetrics:
             self._set("bytes", usage["used_bytes"], tier=tier)
             self._set("budget", usage["budget_bytes"], tier=tier)
         self._set("entries", len(cache))
+        if cache.shared is not None:
+            shared = cache.shared.counters
+            self._set("shared_up", 1.0 if cache.shared.available else 0.0)
+            self._count("shared_errors", shared.errors)
+            self._count("shared_reconnects", shared.reconnects)
+            self._count("shared_fetches", shared.fetches - shared.fetch_misses, result="hit")
+            self._count("shared_fetches", shared.fetch_misses, result="gone")
+            self._count("shared_events", shared.events_applied)
 
 
 class StepEngineMetrics:

@@ -9,7 +9,10 @@ import signal
 import threading
 import time
 
+import urllib.request
+
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from nirvana.redisserver import RedisServer
 from nirvana.tritonserver import TritonServer
@@ -126,6 +129,13 @@ def test_stats_through_either_replica_cover_both(replicas):
     assert shared["totals"]["steps_run"] == sum(r["steps_run"] for r in shared["replicas"].values())
 
 
+def shared_tier_metrics(server):
+    """The latent_cache's nirvana_shared_tier_* samples on the server's metrics port, by name."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name.startswith("nirvana_shared_tier_") and "result" not in sample.labels}
+
+
 class Load:
     """Closed-loop clients on some replicas: each request a miss, a hit or a rewording."""
 
@@ -172,6 +182,7 @@ def test_redis_killed_under_load_fails_no_request_and_its_entries_come_back(repl
         replicas.redis.kill()
         killed_at = time.monotonic()
         time.sleep(4)
+        down = shared_tier_metrics(replicas.servers["a"])
         replicas.redis.start()  # the same directory: its AOF
         time.sleep(4)
     assert load.failures == []
@@ -184,6 +195,10 @@ def test_redis_killed_under_load_fails_no_request_and_its_entries_come_back(repl
     with replicas.admin("a") as admin:
         shared = admin.stats()["shared"]
     assert shared["errors"] >= 1 and shared["reconnects"] >= 1
+    assert down["nirvana_shared_tier_up"] == 0 and down["nirvana_shared_tier_errors_total"] >= 1
+    with replicas.client("a") as a:
+        a.generate("a yellow circle", seed=1, steps=STEPS, tenant="redis-kill")  # metrics update per request
+    assert shared_tier_metrics(replicas.servers["a"])["nirvana_shared_tier_up"] == 1
 
 
 def test_a_replica_killed_under_load_loses_nothing_it_acknowledged(replicas):
