@@ -60,7 +60,7 @@ class Checker:
     root: Path
     results: List[Result] = field(default_factory=list)
     echo: bool = False
-    _cache: Dict[str, object] = field(default_factory=dict)
+    cache: Dict[str, object] = field(default_factory=dict)
 
     # -- reporting -----------------------------------------------------------------------------
     def add(self, status: str, name: str, message: str) -> None:
@@ -101,9 +101,9 @@ class Checker:
 
     def documents(self, path: Path) -> List[dict]:
         key = f"docs:{path}"
-        if key not in self._cache:
-            self._cache[key] = [d for d in yaml.safe_load_all(path.read_text()) if d]
-        return self._cache[key]
+        if key not in self.cache:
+            self.cache[key] = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        return self.cache[key]
 
     def resources(self) -> List[Tuple[Path, dict]]:
         return [(p, d) for p in self.manifest_files() for d in self.documents(p)]
@@ -124,18 +124,16 @@ class Checker:
 
     def compose(self) -> dict:
         key = "compose"
-        if key not in self._cache:
-            self._cache[key] = yaml.safe_load((self.root / "compose.yaml").read_text()) or {}
-        return self._cache[key]
+        if key not in self.cache:
+            self.cache[key] = yaml.safe_load((self.root / "compose.yaml").read_text()) or {}
+        return self.cache[key]
 
     def dockerfile(self) -> List[Tuple[str, str]]:
         """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
         instructions, current = [], ""
         for line in (self.root / "Dockerfile").read_text().splitlines():
             stripped = line.strip()
-            if not current and (not stripped or stripped.startswith("#")):
-                continue
-            if current and stripped.startswith("#"):
+            if stripped.startswith("#") or not (stripped or current):
                 continue
             current += " " + stripped[:-1] if stripped.endswith("\\") else " " + stripped
             if not stripped.endswith("\\"):
@@ -678,7 +676,8 @@ def check_compose(c: Checker) -> None:
             host, _, target = str(mapping).rpartition(":")
             published[int(target)] = int(host.rpartition(":")[2]) if host else None
         if set(published) != set(TRITON_PORTS.values()):
-            problems.append(f"{where}.ports must publish {sorted(TRITON_PORTS.values())}, publishes {sorted(published)}")
+            problems.append(f"{where}.ports must publish {sorted(TRITON_PORTS.values())}, "
+                            f"publishes {sorted(published)}")
         host_ports += [p for p in published.values() if p]
         devices = ((((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {})
                    .get("devices") or [])
@@ -718,15 +717,15 @@ def check_compose(c: Checker) -> None:
 
 
 def nirvana_serve_flags(c: Checker) -> Optional[set]:
-    if "serve-flags" not in c._cache:
+    if "serve-flags" not in c.cache:
         code = "import sys; from nirvana.tritonserver import main; sys.exit(main(['--help']))"
         try:
             proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-            c._cache["serve-flags"] = (set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", proc.stdout))
+            c.cache["serve-flags"] = (set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", proc.stdout))
                                        if proc.returncode == 0 else proc.stderr.strip()[-500:])
         except (OSError, subprocess.TimeoutExpired) as exc:
-            c._cache["serve-flags"] = str(exc)
-    return c._cache["serve-flags"]
+            c.cache["serve-flags"] = str(exc)
+    return c.cache["serve-flags"]
 
 
 def check_serve_flags(c: Checker) -> None:

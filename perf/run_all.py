@@ -22,6 +22,11 @@ Steps, against tritonservers started here on free local ports:
    are sized by request count from a throughput measured first on the same server. Passes with
    zero failed requests, every tier within its byte budget and resident memory flat after warm-up.
 
+6. Replicas (``nirvana-replicas-bench``): the log split round-robin across two replicas, with
+   one shared cache (a real redis-server) vs separate caches vs one server: hit rate, UNet steps
+   saved, the lookup and admission cost the shared tier adds, replication lag; then the first
+   ``--replicas-served`` requests through real tritonservers the same three ways.
+
 Everything lands in perf/results/ (report.md, JSON, CSV, PNG).
 """
 
@@ -49,6 +54,7 @@ from nirvana.tritonserver import TritonServer
 from nirvana_client.client import infer_inputs
 from nirvana_export.repository import repository_variant
 from nirvana_perf import cache_cost, metrics_text, persist_latency, replay
+from nirvana_perf import replicas as replicas_bench
 from nirvana_perf.simulate import load_log
 
 MODELS = ("tokenizer", "text_encoder", "latent_cache", "unet_loop", "vae_decoder")
@@ -332,7 +338,11 @@ def main(argv=None) -> int:
     parser.add_argument("--pa-requests", type=int, default=12, help="perf_analyzer sweep: requests per window")
     parser.add_argument("--skip", default="",
                         help="comma-separated steps to skip: overhead, perf_analyzer, replay, cache_sizes, persistence, "
-                             "quality")
+                             "quality, replicas")
+    parser.add_argument("--replicas-limit", type=int, default=20_000,
+                        help="replicas step: requests of the log replayed through the cache engines")
+    parser.add_argument("--replicas-served", type=int, default=200,
+                        help="replicas step: requests replayed through real tritonservers (0: skip that part)")
     parser.add_argument("--quality-per-band", type=int, default=30,
                         help="quality step: prompt pairs per similarity band (nirvana-quality --per-band)")
     parser.add_argument("--quality-baseline", type=int, default=500,
@@ -382,6 +392,9 @@ def failed_checks(report: Dict[str, object]) -> List[str]:
         out.append(f"perf_analyzer exited {report['perf_analyzer']['returncode']}: {report['perf_analyzer']['errors'][:3]}")
     if "soak" in report and not soak_passed(report["soak"]):
         out.append("soak (see its section of the report)")
+    if "replicas" in report and not report["replicas"]["target_met"]:
+        out.append(f"replicas: the shared pair saved {100 * report['replicas']['shared_vs_one']:.1f}% of one server's "
+                   f"UNet steps (target {100 * replicas_bench.TARGET:.0f}%)")
     for label, cfg in (report.get("warm_replay") or {}).get("configs", {}).items():
         errors = sum(lv[m]["errors"] for lv in cfg.values() for m in ("off", "on"))
         if errors:
@@ -444,6 +457,11 @@ def benchmarks(args: argparse.Namespace) -> Dict[str, object]:
         with step_errors(report, "persistence latency"):
             report["persist_latency"] = persist_latency.run(args.model_repository, states=args.persist_states,
                                                             output=args.output / "persist_latency")
+    if "replicas" not in skip:
+        print("replicas: round-robin over two replicas, shared cache vs separate vs one server ...", flush=True)
+        with step_errors(report, "replicas"):
+            report["replicas"] = replicas_bench.run(args.model_repository, args.log, args.replicas_limit,
+                                                    args.replicas_served, args.steps, args.output / "replicas")
     if "quality" not in skip:
         print("quality of approximate hits per K and similarity band (nirvana-quality) ...", flush=True)
         with step_errors(report, "quality"):
@@ -538,6 +556,9 @@ def render(report: Dict[str, object]) -> str:
                   report["cache_cost_by_size_markdown"]]
     if "persist_latency" in report:
         lines += ["", "## Request latency while the cache is persisted", "", report["persist_latency"]["markdown"]]
+    if "replicas" in report:
+        lines += ["", "## Two replicas: shared cache (Redis) vs separate caches vs one server", "",
+                  report["replicas"]["markdown"]]
     if "quality_markdown" in report:
         lines += ["", "## Quality of approximate hits (quality/: tables, plot, image grids)", "",
                   report["quality_markdown"].split("\n", 1)[1].replace("\n## ", "\n### ")]

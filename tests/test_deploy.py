@@ -215,9 +215,10 @@ def test_configure_repository_sets_and_checks_parameters(tmp_path):
     stamp = tmp_path / "stamp"
     stamp.write_text("model\n")
     script = [sys.executable, str(DEPLOY / "configure_repository.py")]
-    proc = subprocess.run(script + [str(source), str(tmp_path / "good"), "--stamp", str(stamp),
-                                    "--set", "latent_cache.device_bytes=8589934592", "--set", "latent_cache.use_gpu=true",
-                                    "--set", "latent_cache.snapshot_path="], capture_output=True, text=True, timeout=110)
+    settings = ["latent_cache.device_bytes=8589934592", "latent_cache.use_gpu=true", "latent_cache.snapshot_path="]
+    proc = subprocess.run(script + [str(source), str(tmp_path / "good"), "--stamp", str(stamp)]
+                          + [arg for item in settings for arg in ("--set", item)],
+                          capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stderr
     config = parse_parameters(CacheConfig, read_pbtxt_parameters(tmp_path / "good" / "latent_cache" / "config.pbtxt"))
     assert (config.device_bytes, config.use_gpu, config.snapshot_path) == (8 << 30, True, "")
@@ -250,7 +251,8 @@ def test_redis_start_script_passes_the_password_on_stdin(tmp_path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("password, says", [("REPLACE_ME", "set NIRVANA_REDIS_PASSWORD"), ("", "set NIRVANA_REDIS_PASSWORD"),
+@pytest.mark.parametrize("password, says", [("REPLACE_ME", "set NIRVANA_REDIS_PASSWORD"),
+                                            ("", "set NIRVANA_REDIS_PASSWORD"),
                                             ('pa"ss word', "only letters, digits")])
 def test_redis_start_script_refuses_placeholder_and_unsafe_passwords(tmp_path, password, says):
     proc = run_start_script(tmp_path, password)

@@ -150,7 +150,7 @@ class CacheAdmin:
         """The shared tier's usage and every replica's published counters, summed too."""
         tier = self.sync.tier
         out: Dict[str, object] = {"synced": self.sync.synced, "position": self.sync.position,
-                                  "last_resync": self.sync.last_resync}
+                                  "last_resync": self.sync.last_resync, **self.sync.lag_percentiles()}
         if not tier.available:
             return out
         try:

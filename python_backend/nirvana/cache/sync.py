@@ -14,6 +14,7 @@ behind that the stream was trimmed past its position resyncs the same way.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -55,6 +56,9 @@ class SharedTierSync:
         self.log = log or (lambda message: None)
         self.position = "0-0"  # the last event applied (or skipped as this replica's own)
         self.last_resync: Dict[str, object] = {}
+        # Replication lag of other replicas' events: applied here minus written to Redis (the
+        # event id is Redis's clock in ms), recent ones.
+        self.lag_ms: "collections.deque[float]" = collections.deque(maxlen=10_000)
         self._stop = threading.Event()
         self._synced = threading.Event()
         self._first_try = threading.Event()  # the first connection attempt ended (either way)
@@ -81,6 +85,14 @@ class SharedTierSync:
     @property
     def synced(self) -> bool:
         return self._synced.is_set()
+
+    def lag_percentiles(self) -> Dict[str, float]:
+        """p50/p99 of the replication lag (ms) over recent events from other replicas."""
+        lags = sorted(self.lag_ms)
+        if not lags:
+            return {}
+        return {"lag_ms_p50": lags[len(lags) // 2], "lag_ms_p99": lags[min(len(lags) - 1, int(0.99 * len(lags)))],
+                "lag_events": len(lags)}
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -145,6 +157,7 @@ class SharedTierSync:
     def _apply(self, event: SharedEvent) -> None:
         if event.origin == self.tier.replica_id and event.op != "flush":
             return  # applied when this replica made it
+        self.lag_ms.append(max(0.0, time.time() * 1000.0 - _stream_id(event.event_id)[0]))
         if event.op == "put" and event.key is not None:
             try:
                 key = CacheKey(**event.key)
