@@ -42,7 +42,7 @@ QUALITY_PER_BAND ?= 30
 QUALITY_BASELINE ?= 500
 QUALITY_ARGS ?=
 
-.PHONY: help venv export serve demo test test-unit fuzz perf soak perf-deps clean train quality calibrate redis-server
+.PHONY: help venv export serve demo test test-unit fuzz perf soak perf-deps clean train quality calibrate redis-server deploy-check
 help:
 	@echo "make demo    - install, export the embedded model, serve it, run a few prompts, stop"
 	@echo "make test    - install, export, run unit and integration tests (real tritonserver)"
@@ -54,6 +54,7 @@ help:
 	@echo "make train   - retrain the embedded model's UNet, VAE and scorer into export/weights (CPU; see README)"
 	@echo "make quality - quality of approximate hits per K and similarity band; perf/results/quality/"
 	@echo "make calibrate - make quality, then write the calibrated thresholds (export/weights/calibration.json)"
+	@echo "make deploy-check - validate deploy/ offline (Kubernetes schemas, kustomize, hadolint, compose spec, cross-checks)"
 	@echo "make soak    - the long soak alone (SOAK_SECONDS=600 at concurrency 8); perf/results/soak.md"
 
 venv: $(INSTALLED)
@@ -80,6 +81,10 @@ test: $(EXPORTED) redis-server
 
 test-unit: $(EXPORTED) redis-server
 	$(BIN)/python -m pytest --ignore=tests/integration $(PYTEST_ARGS)
+
+# Offline checks of deploy/: Kubernetes schemas (strict), kustomization, hadolint, compose spec, cross-checks.
+deploy-check: $(INSTALLED)
+	$(BIN)/python deploy/check.py
 
 # Debian's redis-server (7.0): the shared cache tier's store. Tests and benchmarks start their own
 # on loopback ports; nothing is started here.

@@ -122,6 +122,7 @@ def main(argv=None) -> int:
             repository.write_specs(args.repository, spec)
             repository.write_container_repository(args.repository, args.container_repository)
             repository.mark_exported(args.repository, spec)
+            repository.mark_exported(args.container_repository, spec)  # nirvana-serve serves it too
             bar.update()
     except (OSError, ValueError) as exc:
         print(f"nirvana-export: error: {exc}", file=sys.stderr)

@@ -104,15 +104,21 @@ class TritonServer:
         watchdog_interval_s: Seconds between stub-health probes (0: no watchdog).
         admin_key: Turns on the cache admin surface and restricts ``restricted_apis`` (Triton's
             own API categories) to requests carrying it (see :mod:`nirvana.admin`).
+        triton_root: A Triton installation to run instead of the nvidia-pytriton wheel's: its
+            ``bin/tritonserver`` and ``backends/`` as they are (the NVIDIA container's
+            /opt/tritonserver, which has the onnxruntime backend the container repository uses).
     """
 
     def __init__(self, model_repository: Path, http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
                  log_file: Optional[Path] = None, extra_args: Optional[List[str]] = None,
                  watchdog_interval_s: float = 0.0, admin_key: Optional[str] = None,
-                 restricted_apis: Sequence[str] = admin.RESTRICTED_APIS):
+                 restricted_apis: Sequence[str] = admin.RESTRICTED_APIS, triton_root: Optional[Path] = None):
         if admin_key is not None:
             admin.validate_key(admin_key)
         self.admin_key = admin_key
+        self.triton_root = Path(triton_root) if triton_root else None
+        if self.triton_root is not None and not (self.triton_root / "bin" / "tritonserver").exists():
+            raise ValueError(f"--triton-root {self.triton_root}: no bin/tritonserver there")
         self.restricted_apis = tuple(restricted_apis)
         self.model_repository = Path(model_repository).resolve()
         picked = iter(free_ports(3))
@@ -135,8 +141,11 @@ class TritonServer:
         return f"127.0.0.1:{self.grpc_port}"
 
     def command(self) -> List[str]:
-        backends = prepare_backends(self._workdir)
-        return [str(_pytriton_root() / "bin" / "tritonserver"),
+        if self.triton_root is not None:
+            binary, backends = self.triton_root / "bin" / "tritonserver", self.triton_root / "backends"
+        else:
+            binary, backends = _pytriton_root() / "bin" / "tritonserver", prepare_backends(self._workdir)
+        return [str(binary),
                 f"--model-repository={self.model_repository}", f"--backend-directory={backends}",
                 f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
                 f"--metrics-port={self.metrics_port}", "--log-verbose=0",
@@ -304,6 +313,9 @@ def main(argv=None) -> int:
                              "not with --cache-dir). The password, if any: $NIRVANA_REDIS_PASSWORD")
     parser.add_argument("--replica-id",
                         help="this replica's name in the shared tier's events and stats (default: host:pid)")
+    parser.add_argument("--triton-root", type=Path,
+                        help="run this Triton installation's bin/tritonserver and backends/ (the NVIDIA "
+                             "container's /opt/tritonserver) instead of the nvidia-pytriton wheel's")
     parser.add_argument("--restricted-apis", default=",".join(admin.RESTRICTED_APIS),
                         help="Triton API categories the admin key restricts (comma-separated; '' for none)")
     args, extra = parser.parse_known_args(argv)
@@ -319,7 +331,7 @@ def main(argv=None) -> int:
         if overrides and (repository / ".exported").exists():
             repository = run_copy(repository, overrides)
         server = TritonServer(repository, args.http_port, args.grpc_port, args.metrics_port,
-                              extra_args=extra, admin_key=key, restricted_apis=apis)
+                              extra_args=extra, admin_key=key, restricted_apis=apis, triton_root=args.triton_root)
     except (OSError, ValueError) as exc:
         print(f"nirvana-serve: {exc}", file=sys.stderr)
         return 2

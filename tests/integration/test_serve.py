@@ -79,3 +79,43 @@ def test_serve_stops_cleanly(repository, signum):
             proc.kill()
         for process in _running(tree):  # a failed test leaves no server of its own behind
             process.kill()
+
+
+@pytest.mark.timeout(300)
+def test_serve_with_a_triton_root_and_a_redis_url(repository, tmp_path, redis_server):
+    """--triton-root runs another Triton installation as it is (here: one laid out like the NVIDIA
+    container's /opt/tritonserver, from the wheel's binary); --redis-url and --replica-id put the
+    latent cache on the shared tier."""
+    from nirvana import tritonserver
+    from nirvana_client.admin import CacheAdminClient
+
+    root = tmp_path / "opt-tritonserver"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "tritonserver").symlink_to(tritonserver._pytriton_root() / "bin" / "tritonserver")
+    tritonserver.prepare_backends(root)
+    key_file = tmp_path / "key"
+    key_file.write_text("serve-test-admin-key-0123456789")
+    http, grpc = free_port(), free_port()
+    serve = Path(sys.executable).parent / "nirvana-serve"
+    proc = subprocess.Popen([str(serve), "--model-repository", str(repository), "--http-port", str(http),
+                             "--grpc-port", str(grpc), "--metrics-port", str(free_port()), "--triton-root", str(root),
+                             "--redis-url", redis_server.url, "--replica-id", "serve-test",
+                             "--admin-key-file", str(key_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        servers = [p for p in psutil.Process(proc.pid).children(recursive=True) if _executable(p) == "tritonserver"]
+        assert servers and f"--backend-directory={root / 'backends'}" in servers[0].cmdline()
+        with CacheAdminClient(f"127.0.0.1:{grpc}", "grpc", key_file.read_text()) as admin:
+            shared = admin.stats()["shared"]
+        assert shared["replica_id"] == "serve-test" and shared["up"] and shared["usage"]["aof_enabled"]
+        assert subprocess.run([str(serve), "--model-repository", str(repository), "--cache-dir", str(tmp_path / "c"),
+                               "--redis-url", redis_server.url], capture_output=True, timeout=60).returncode == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
