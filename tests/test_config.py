@@ -32,6 +32,10 @@ def test_parses_typed_values_and_thresholds_from_json_text():
     ({"thresholds": "0.9:7"}, "not in cache_steps"),
     ({"eviction": "random"}, "eviction must be"),
     ({"exact_hit": "maybe"}, "parameter 'exact_hit'"),
+    ({"redis_url": "localhost:6379"}, "redis_url must start with redis://"),
+    ({"redis_url": "redis://r:6379/0", "snapshot_path": "/data"}, "redis_url and snapshot_path are exclusive"),
+    ({"shared_timeout_ms": "0"}, "shared_timeout_ms must be >= 1"),
+    ({"shared_prefix": ":"}, "shared_prefix must not be empty"),
 ])
 def test_bad_parameters_are_named(params, message):
     with pytest.raises(ConfigError, match=message):
