@@ -28,6 +28,17 @@ def _executable(process: psutil.Process) -> str:
     return Path(argv[0]).name if argv else ""
 
 
+def wait_ready(http_port, timeout):
+    """Until the server on ``http_port`` reports ready (the test's own assertions follow)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=2).status == 200:
+                return
+        except OSError:
+            time.sleep(1)
+
+
 def _running(processes):
     """Those of ``processes`` still running; zombies count as gone. psutil checks that a pid was not
     reused by another process since it was listed."""
@@ -50,13 +61,7 @@ def test_serve_stops_cleanly(repository, signum):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tree = []
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(1)
+        wait_ready(http, 300)
         # Only the processes this test started: another Triton on the machine has stubs too.
         tree = psutil.Process(proc.pid).children(recursive=True)
         servers = [p for p in tree if _executable(p) == "tritonserver"]
@@ -102,13 +107,7 @@ def test_serve_with_a_triton_root_and_a_redis_url(repository, tmp_path, redis_se
                              "--redis-url", redis_server.url, "--replica-id", "serve-test",
                              "--admin-key-file", str(key_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(1)
+        wait_ready(http, 240)
         servers = [p for p in psutil.Process(proc.pid).children(recursive=True) if _executable(p) == "tritonserver"]
         assert servers and f"--backend-directory={root / 'backends'}" in servers[0].cmdline()
         with CacheAdminClient(f"127.0.0.1:{grpc}", "grpc", key_file.read_text()) as admin:
