@@ -125,6 +125,7 @@ class _Entry:
     steps: set = field(default_factory=set)  # cached steps in the local store, FINAL included
     synthetic: bool = False  # benchmark filler (fill_synthetic): searched, never served
     shared_steps: set = field(default_factory=set)  # steps the shared tier holds (as last heard)
+    unpublished: set = field(default_factory=set)  # admitted here while the shared tier was down
 
 
 class LatentCache:
@@ -340,21 +341,28 @@ class LatentCache:
                 self._forget_state(*victim)
         self.counters["admitted_states"] += stored
         if self.shared is not None:
-            self._publish(key, entry.embedding, states)
+            self._publish(entry, states)
         return stored
 
-    def _publish(self, key: CacheKey, embedding: np.ndarray, states: Mapping[int, torch.Tensor]) -> bool:
+    def _publish(self, entry: _Entry, states: Mapping[int, torch.Tensor]) -> bool:
         """Admit states to the shared tier too, in the dtypes the local store keeps them in (fp16
-        states, fp32 final latents). False when the tier is down (the states stay local)."""
-        if not self.shared.available:
+        states, fp32 final latents). False when the tier is down: the states stay local, marked
+        for the next resync to publish."""
+        key = entry.key
+        if self.shared.available:
+            payload = {step: (tensor.to(torch.float32 if step == FINAL else self.store.dtype),
+                              key.steps if step == FINAL else step) for step, tensor in states.items()}
+            try:
+                evicted = self.shared.admit(key.tenant, key.digest(), dataclasses.asdict(key), entry.embedding, payload)
+            except SharedTierError:
+                evicted = None
+        else:
+            evicted = None
+        if evicted is None:
+            entry.unpublished |= set(states)
             return False
-        payload = {step: (tensor.to(torch.float32 if step == FINAL else self.store.dtype),
-                          key.steps if step == FINAL else step) for step, tensor in states.items()}
-        try:
-            evicted = self.shared.admit(key.tenant, key.digest(), dataclasses.asdict(key), embedding, payload)
-        except SharedTierError:
-            return False
-        self.apply_shared_put(key, embedding, tuple(states))
+        entry.unpublished -= set(states)
+        self.apply_shared_put(key, entry.embedding, tuple(states))
         for tenant, digest, step in evicted:
             self.apply_shared_forget(digest, (step,))
         return True
@@ -425,10 +433,14 @@ class LatentCache:
                 continue
             if entry.key.digest() not in seen and entry.shared_steps:
                 entry.shared_steps = set()
-            local_only = {step: self.store.get((entry.entry_id, step)) for step in entry.steps - entry.shared_steps}
+            # What was admitted here during an outage; not local copies of states the shared
+            # tier evicted meanwhile (its policy decided against them).
+            local_only = {step: self.store.get((entry.entry_id, step))
+                          for step in entry.unpublished & (entry.steps - entry.shared_steps)}
             local_only = {step: tensor for step, tensor in local_only.items() if tensor is not None}
+            entry.unpublished = set(local_only)
             if local_only and self.shared is not None:
-                republished += self._publish(entry.key, entry.embedding, local_only)
+                republished += self._publish(entry, local_only)
             self._drop_if_empty(entry)
         return {"shared_entries": len(seen), "republished_entries": republished}
 
