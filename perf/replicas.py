@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from nirvana.cache import CacheKey, LatentCache
-from nirvana.cache.shared import SharedTier
+from nirvana.cache.shared import SharedTier, key_prefix
 from nirvana.cache.store import DTYPES
 from nirvana.cache.sync import SharedTierSync
 from nirvana.config import CacheConfig, parse_parameters, read_pbtxt_parameters
@@ -97,7 +97,7 @@ class _Replica:
         self.lock = threading.Lock()
         self.tier = self.sync = None
         if redis_url:
-            self.tier = SharedTier(redis_url, f"{config.shared_prefix}:bench", config.shared_bytes,
+            self.tier = SharedTier(redis_url, key_prefix(config.shared_prefix, "bench"), config.shared_bytes,
                                    policy=config.eviction, timeout_s=config.shared_timeout_ms / 1000.0,
                                    replica_id=name)
         self.cache = LatentCache(config, dim, shared=self.tier)

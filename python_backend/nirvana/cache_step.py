@@ -31,7 +31,7 @@ from nirvana.backend import PARAMETERS
 from nirvana.cache import CacheKey, LatentCache, LookupResult
 from nirvana.cache.engine import APPROXIMATE, DISABLED
 from nirvana.cache.persistence import CachePersistence
-from nirvana.cache.shared import SharedTier, SharedTierError
+from nirvana.cache.shared import SharedTier, SharedTierError, key_prefix
 from nirvana.cache.sync import SharedTierSync
 from nirvana.config import CacheConfig, PipelineSpec
 from nirvana.pipeline import Batch, Results, bytes_column, per_request
@@ -185,8 +185,10 @@ class CacheAdmin:
                 result["shared"].update(self._shared_stats())
         elif command == "flush":
             with self.lock:
+                flushed = self.cache.flush(tenant, shared=False)
+            if self.cache.shared is not None:  # outside the lock: a flush scans Redis's keys
                 try:
-                    flushed = self.cache.flush(tenant)
+                    self.cache.shared.flush(tenant)
                 except SharedTierError as exc:
                     raise SharedTierError(f"flushed here, but the shared tier (Redis) could not be flushed, so other "
                                           f"replicas still serve the entries: retry the flush ({exc})") from exc
@@ -223,7 +225,7 @@ class CacheStep:
         self.config = config = config.with_model_thresholds(self.spec)
         shared = None
         if config.redis_url:
-            shared = SharedTier(config.redis_url, f"{config.shared_prefix}:{self.spec.model_id}", config.shared_bytes,
+            shared = SharedTier(config.redis_url, key_prefix(config.shared_prefix, self.spec.model_id), config.shared_bytes,
                                 policy=config.eviction, timeout_s=config.shared_timeout_ms / 1000.0,
                                 replica_id=config.replica_id)
         self.cache = LatentCache(config, self.spec.embedding_dim, device, shared=shared)

@@ -1,5 +1,8 @@
 """The shared tier against a real redis-server: two caches (replicas) in one process."""
 
+import collections
+import dataclasses
+import json
 import threading
 import time
 
@@ -10,7 +13,7 @@ import torch
 
 from nirvana.cache import LatentCache
 from nirvana.cache.policy import StateStats, lcbfu
-from nirvana.cache.shared import SharedTier, serialize_state
+from nirvana.cache.shared import ENTRY_OVERHEAD, STATE_OVERHEAD, SharedTier, serialize_state
 from nirvana.cache.sync import SharedTierSync
 from nirvana.config import CacheConfig
 from tests.cache.test_engine import DIM, SHAPE, key, near, states, unit
@@ -83,25 +86,36 @@ def test_an_admission_on_one_replica_is_an_exact_and_an_approximate_hit_on_anoth
 
 
 def test_global_eviction_is_lcbfu_over_every_replicas_states_within_the_budget(replicas, redis_server):
-    one_state = len(serialize_state(torch.zeros(SHAPE, dtype=torch.float16)))
-    budget = 12 * one_state
+    state_cost = len(serialize_state(torch.zeros(SHAPE, dtype=torch.float16))) + STATE_OVERHEAD
+    budget = 14 * state_cost
     a, b = replicas("a", budget=budget), replicas("b", budget=budget)
     embeddings = [np.eye(DIM, dtype=np.float32)[i] for i in range(5)]  # orthogonal: no cross matches
-    for i, v in enumerate(embeddings):  # 5 entries x 5 states = 25 states, room for 12
+    for i, v in enumerate(embeddings):  # 5 entries x 5 states: room for about half
         (a if i % 2 else b).admit(v, key(f"p{i}"), states())
     client = redis.Redis.from_url(redis_server.url)
     assert int(client.get("test:model:bytes")) <= budget
     # The same order as nirvana.cache.policy.lcbfu (floor + K * (uses + 1), the floor being the
-    # score of the last state evicted), over both replicas' admissions; ties as Redis orders them.
-    alive, inflation = {}, 0.0
-    for i in range(5):
-        for step in (5, 10, 15, 20, 25):
-            stats = StateStats(step, inserted=0, last_used=0, floor=inflation)
-            alive[f":{key(f'p{i}').digest()}:{step}"] = lcbfu(stats)[0]
-        while len(alive) > 12:
+    # score of the last state evicted), over both replicas' admissions, each making room for
+    # itself first; the bytes charged are the states' and their entries' (shared.py's overheads).
+    alive, held, inflation, total = {}, collections.defaultdict(set), 0.0, 0
+    entry_cost = {}
+    for i, v in enumerate(embeddings):
+        digest = key(f"p{i}").digest()
+        entry_cost[digest] = len(json.dumps(dataclasses.asdict(key(f"p{i}")), sort_keys=True)) + v.nbytes + \
+            ENTRY_OVERHEAD
+        incoming = entry_cost[digest] + 5 * state_cost
+        while total + incoming > budget and alive:
             member = min(alive, key=lambda m: (alive[m], m))
             inflation = max(inflation, alive.pop(member))
+            _, victim, step = member.split(":")
+            held[victim].discard(step)
+            total -= state_cost + (0 if held[victim] else entry_cost[victim])
+        total += incoming
+        for step in (5, 10, 15, 20, 25):
+            alive[f":{digest}:{step}"] = lcbfu(StateStats(step, inserted=0, last_used=0, floor=inflation))[0]
+            held[digest].add(str(step))
     assert {m.decode() for m in client.zrange("test:model:scores", 0, -1)} == set(alive)
+    assert int(client.get("test:model:bytes")) == total
     # Replicas stop offering what Redis dropped: a new replica (no local copies) resumes each
     # entry from its largest surviving step.
     fresh = replicas("c")
@@ -118,7 +132,7 @@ def test_a_flush_through_one_replica_reaches_the_others_per_tenant(replicas):
     a.admit(v, key("x", tenant="acme"), states(), final=torch.zeros(SHAPE))
     a.admit(v, key("x", tenant="globex"), states(), final=torch.zeros(SHAPE))
     assert eventually(lambda: b.lookup(v, key("x", tenant="acme")).status == "exact")
-    assert b.lookup(v, key("x", tenant="globex")).status == "exact"
+    assert eventually(lambda: b.lookup(v, key("x", tenant="globex")).status == "exact")
     with a.lock:
         a.cache.flush("acme")
     assert eventually(lambda: b.lookup(v, key("x", tenant="acme")).status == "miss")
@@ -198,3 +212,31 @@ def test_cross_replica_stats(replicas):
     assert eventually(lambda: set(a.tier.replica_stats()) == {"a", "b"}, timeout=2)
     usage = a.tier.usage()
     assert usage["aof_enabled"] is True
+
+
+def test_an_admission_racing_another_replicas_flush_ends_as_redis_has_it(replicas):
+    a, b = replicas("a"), replicas("b")
+    v = unit(7)
+    with a.lock:  # A's sync thread cannot apply B's flush before A admits
+        with b.lock:
+            b.cache.flush("t1")
+        a.cache.admit(v, key("y", tenant="t1"), states(), torch.full(SHAPE, 2.0))
+    # The stream says: flush t1, then put y. Applied in that order, A keeps y (as Redis does).
+    time.sleep(0.3)
+    assert a.lookup(v, key("y", tenant="t1")).status == "exact"
+    assert eventually(lambda: b.lookup(v, key("y", tenant="t1")).status == "exact")
+
+
+def test_redis_out_of_memory_fails_admissions_softly_without_taking_the_tier_down(tmp_path):
+    from nirvana.redisserver import RedisServer
+
+    with RedisServer(tmp_path / "small", extra_args=["--maxmemory", "3mb"]) as server:
+        a = Replica(server.url, "a")  # shared_bytes 1 GiB: far above what this Redis can hold
+        try:
+            for i in range(400):
+                a.admit(unit(1000 + i), key(f"m{i}"), states(), torch.zeros(SHAPE))  # never raises
+            assert a.tier.counters.errors > 0 and "OutOfMemory" in a.tier.last_error
+            assert a.tier.available and a.tier.counters.resyncs == 1  # no resync storm
+            assert a.lookup(unit(1399), key("m399")).status == "exact"  # served locally
+        finally:
+            a.close()

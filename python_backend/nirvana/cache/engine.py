@@ -427,22 +427,28 @@ class LatentCache:
                 continue  # written by another version of this package: not comparable
             self.apply_shared_put(key, shared.embedding, shared.steps, replace=True)
             seen.add(key.digest())
-        republished = 0
         for entry in list(self._entries.values()):
-            if entry.synthetic:
-                continue
             if entry.key.digest() not in seen and entry.shared_steps:
                 entry.shared_steps = set()
-            # What was admitted here during an outage; not local copies of states the shared
-            # tier evicted meanwhile (its policy decided against them).
+                self._drop_if_empty(entry)
+        return {"shared_entries": len(seen), "republished_entries": self.publish_unpublished()}
+
+    def publish_unpublished(self) -> int:
+        """Admit to the shared tier what was admitted here while it was unreachable (not local
+        copies of states it evicted meanwhile: its policy decided against them).
+
+        Returns:
+            Entries published.
+        """
+        published = 0
+        for entry in [e for e in self._entries.values() if e.unpublished]:
             local_only = {step: self.store.get((entry.entry_id, step))
                           for step in entry.unpublished & (entry.steps - entry.shared_steps)}
             local_only = {step: tensor for step, tensor in local_only.items() if tensor is not None}
             entry.unpublished = set(local_only)
             if local_only and self.shared is not None:
-                republished += self._publish(entry, local_only)
-            self._drop_if_empty(entry)
-        return {"shared_entries": len(seen), "republished_entries": republished}
+                published += self._publish(entry, local_only)
+        return published
 
     def _forget_state(self, entry_id: int, step: int) -> None:
         known = self._stats.pop((entry_id, step), None) is not None

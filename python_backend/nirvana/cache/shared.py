@@ -45,6 +45,8 @@ from safetensors.torch import save as save_tensors
 log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "NIRVANA_REDIS_PASSWORD"  # the password never sits in a model config
+# Layout version of the keys and values below: a package writing another layout uses other keys.
+FORMAT = "v1"
 FINAL = -1  # step key of an entry's final latents (nirvana.cache.engine.FINAL)
 
 # Lua: store one entry's states, score them by the policy, then evict (lowest score first) until
@@ -58,35 +60,38 @@ local function score(policy, weight, uses, inserted, last, floor)
 end
 """
 
+# Bytes charged to the budget beyond the tensors, so that shared_bytes bounds Redis's memory and
+# not just the blobs: per state its key, sorted-set member, six hash fields and allocator slack;
+# per entry its hash (key JSON and embedding are charged at their size plus this). Measured on
+# Redis 7.0 (used_memory, 3,000 entries of 8 fp16 4x8x8 states + fp32 final latents, 384-d
+# embeddings, a short stream): 15.5 KB per entry used, 15.8 KB charged. The events stream is not
+# charged: give Redis's maxmemory room for it (stream_maxlen, 100,000 events of about the
+# embedding's size each) beside shared_bytes.
+STATE_OVERHEAD = 896
+ENTRY_OVERHEAD = 256
+# Most states one admission evicts: a replica configured with a smaller shared_bytes (a rolling
+# change) trims the tier over several admissions instead of blocking Redis in one script.
+MAX_EVICTIONS = 256
+
 ADMIT_LUA = _SCORE_LUA + """
 -- KEYS: entry hash, scores, bytes, clock, inflation, events
--- ARGV: prefix, tenant, digest, key json, embedding, origin, policy, budget, maxlen, then
---       (step, weight, blob) per state
+-- ARGV: prefix, tenant, digest, key json, embedding, origin, policy, budget, maxlen, state overhead,
+--       entry overhead, max evictions, then (step, weight, blob) per state
 local prefix, tenant, digest = ARGV[1], ARGV[2], ARGV[3]
 local policy, budget, maxlen = ARGV[7], tonumber(ARGV[8]), ARGV[9]
-local now = redis.call('INCR', KEYS[4])
-local inflation = tonumber(redis.call('GET', KEYS[5]) or '0')
-redis.call('HSET', KEYS[1], 'key', ARGV[4], 'emb', ARGV[5])
-local steps = {}
-for i = 10, #ARGV, 3 do
-  local step, weight, blob = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
-  local skey = prefix .. ':t:' .. tenant .. ':s:' .. digest .. ':' .. step
-  local old = tonumber(redis.call('HGET', KEYS[1], 'n:' .. step) or '0')
-  redis.call('SET', skey, blob)
-  redis.call('INCRBY', KEYS[3], #blob - old)
-  redis.call('HSETNX', KEYS[1], 'i:' .. step, now)
-  redis.call('HSETNX', KEYS[1], 'u:' .. step, 0)
-  redis.call('HSET', KEYS[1], 'n:' .. step, #blob, 'l:' .. step, now, 'f:' .. step, inflation, 'w:' .. step, weight)
-  local uses = tonumber(redis.call('HGET', KEYS[1], 'u:' .. step))
-  local inserted = tonumber(redis.call('HGET', KEYS[1], 'i:' .. step))
-  redis.call('ZADD', KEYS[2], score(policy, weight, uses, inserted, now, inflation), tenant .. ':' .. digest .. ':' .. step)
-  steps[#steps + 1] = step
+local state_overhead, entry_overhead, max_evictions = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+local first = 13
+-- What this admission adds, so that room is made before anything is written: over maxmemory
+-- Redis refuses writes but not deletions, so a full tier can still make room.
+local incoming = 0
+if redis.call('EXISTS', KEYS[1]) == 0 then incoming = #ARGV[4] + #ARGV[5] + entry_overhead end
+for i = first, #ARGV, 3 do
+  incoming = incoming + #ARGV[i + 2] + state_overhead - tonumber(redis.call('HGET', KEYS[1], 'n:' .. ARGV[i]) or '0')
 end
-redis.call('XADD', KEYS[6], 'MAXLEN', '~', maxlen, '*', 'op', 'put', 'origin', ARGV[6], 'tenant', tenant,
-           'digest', digest, 'steps', table.concat(steps, ','), 'key', ARGV[4], 'emb', ARGV[5])
+local inflation = tonumber(redis.call('GET', KEYS[5]) or '0')
 local evicted = {}
 local total = tonumber(redis.call('GET', KEYS[3]) or '0')
-while total > budget do
+while total + incoming > budget and #evicted < max_evictions do
   local victim = redis.call('ZPOPMIN', KEYS[2])
   if #victim == 0 then break end
   local member, vscore = victim[1], tonumber(victim[2])
@@ -95,7 +100,11 @@ while total > budget do
   local n = tonumber(redis.call('HGET', ekey, 'n:' .. vs) or '0')
   redis.call('DEL', prefix .. ':t:' .. vt .. ':s:' .. vd .. ':' .. vs)
   redis.call('HDEL', ekey, 'n:' .. vs, 'u:' .. vs, 'i:' .. vs, 'l:' .. vs, 'f:' .. vs, 'w:' .. vs)
-  if redis.call('HLEN', ekey) <= 2 then redis.call('DEL', ekey) end
+  if redis.call('HLEN', ekey) <= 3 then  -- key, emb, o: no state left
+    n = n + tonumber(redis.call('HGET', ekey, 'o') or '0')
+    redis.call('DEL', ekey)
+    if ekey == KEYS[1] then incoming = incoming + #ARGV[4] + #ARGV[5] + entry_overhead end
+  end
   total = total - n
   redis.call('DECRBY', KEYS[3], n)
   if policy == 'lcbfu' and vscore > inflation then
@@ -106,6 +115,30 @@ while total > budget do
              'digest', vd, 'steps', vs)
   evicted[#evicted + 1] = member
 end
+local now = redis.call('INCR', KEYS[4])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local o = #ARGV[4] + #ARGV[5] + entry_overhead
+  redis.call('HSET', KEYS[1], 'key', ARGV[4], 'emb', ARGV[5], 'o', o)
+  redis.call('INCRBY', KEYS[3], o)
+end
+local steps = {}
+for i = first, #ARGV, 3 do
+  local step, weight, blob = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  local skey = prefix .. ':t:' .. tenant .. ':s:' .. digest .. ':' .. step
+  local old = tonumber(redis.call('HGET', KEYS[1], 'n:' .. step) or '0')
+  redis.call('SET', skey, blob)
+  redis.call('INCRBY', KEYS[3], #blob + state_overhead - old)
+  redis.call('HSETNX', KEYS[1], 'i:' .. step, now)
+  redis.call('HSETNX', KEYS[1], 'u:' .. step, 0)
+  redis.call('HSET', KEYS[1], 'n:' .. step, #blob + state_overhead, 'l:' .. step, now, 'f:' .. step, inflation,
+             'w:' .. step, weight)
+  local uses = tonumber(redis.call('HGET', KEYS[1], 'u:' .. step))
+  local inserted = tonumber(redis.call('HGET', KEYS[1], 'i:' .. step))
+  redis.call('ZADD', KEYS[2], score(policy, weight, uses, inserted, now, inflation), tenant .. ':' .. digest .. ':' .. step)
+  steps[#steps + 1] = step
+end
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', maxlen, '*', 'op', 'put', 'origin', ARGV[6], 'tenant', tenant,
+           'digest', digest, 'steps', table.concat(steps, ','), 'key', ARGV[4], 'emb', ARGV[5])
 return evicted
 """
 
@@ -158,6 +191,7 @@ for i = 2, #ARGV do
       redis.call('DECRBY', KEYS[2], n)
     end
   end
+  redis.call('DECRBY', KEYS[2], tonumber(redis.call('HGET', ekey, 'o') or '0'))
   redis.call('DEL', ekey)
   dropped = dropped + 1
 end
@@ -207,6 +241,7 @@ class SharedCounters:
     events_applied: int = 0
     resyncs: int = 0
     touches: int = 0
+    malformed: int = 0  # entries or states Redis holds that this package cannot read (skipped)
     fetch_seconds: List[float] = field(default_factory=list)  # recent fetch times (bounded)
 
 
@@ -224,6 +259,11 @@ def serialize_state(tensor: torch.Tensor) -> bytes:
 
 def deserialize_state(blob: bytes) -> torch.Tensor:
     return load_tensors(blob)["state"]
+
+
+def key_prefix(shared_prefix: str, model_id: str) -> str:
+    """The prefix of every key of one exported model's shared tier."""
+    return f"{shared_prefix}:{model_id}:{FORMAT}"
 
 
 def default_replica_id() -> str:
@@ -258,16 +298,18 @@ class SharedTier:
         self.replica_id = replica_id or default_replica_id()
         self.stream_maxlen = int(stream_maxlen)
         self.counters = SharedCounters()
-        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                        redis.exceptions.ResponseError, redis.exceptions.BusyLoadingError, OSError)
-        password = os.environ.get(PASSWORD_ENV) or None
-        self.client = client or redis.Redis.from_url(url, socket_timeout=self.timeout_s,
-                                                     socket_connect_timeout=self.timeout_s, password=password)
+        self._errors = (redis.exceptions.RedisError, OSError)
+        # Errors that mean Redis cannot be reached (or cannot take writes): the tier is down until a
+        # ping answers. Others (out of memory, a script error) fail the one call.
+        self._unreachable = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                             redis.exceptions.BusyLoadingError, redis.exceptions.ReadOnlyError, OSError)
+        self.client = client or self._connect(self.timeout_s)
         self._admit = self.client.register_script(ADMIT_LUA)
         self._fetch = self.client.register_script(FETCH_LUA)
         self._touch = self.client.register_script(TOUCH_LUA)
         self._drop = self.client.register_script(DROP_LUA)
         self._up = False
+        self._warned: Dict[Tuple[str, str], float] = {}
         self._state_lock = threading.Lock()
         self._uses: "collections.deque[Tuple[str, str, int]]" = collections.deque(maxlen=100_000)
         self.last_error = ""
@@ -295,16 +337,35 @@ class SharedTier:
         """Whether request-path calls go to Redis (False after a failure, until reconnected)."""
         return self._up
 
-    def _failed(self, exc: BaseException, what: str) -> SharedTierError:
-        self.counters.errors += 1
+    def _connect(self, socket_timeout: float):
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # No retries: a request waits at most one timeout, then the tier is down until a ping answers.
+        return redis.Redis.from_url(self.url, socket_timeout=socket_timeout,
+                                    socket_connect_timeout=max(self.timeout_s, 0.1), retry=Retry(NoBackoff(), 0),
+                                    password=os.environ.get(PASSWORD_ENV) or None)
+
+    def _failed(self, exc: BaseException, what: str, mark_down: bool = True) -> SharedTierError:
         with self._state_lock:
-            was_up, self._up = self._up, False
-            if was_up or self.down_since is None:
-                self.down_since = time.monotonic()
-        self.last_error = f"{what}: {exc!r}"
-        if was_up:
+            self.counters.errors += 1
+            self.last_error = f"{what}: {exc!r}"
+            was_up = self._up
+            if mark_down and isinstance(exc, self._unreachable):
+                self._up = False
+                if was_up or self.down_since is None:
+                    self.down_since = time.monotonic()
+            else:
+                was_up = False  # still up: the one call failed
+                kind = (what, type(exc).__name__)
+                if time.monotonic() - self._warned.get(kind, -1e9) > 60:  # once a minute per kind
+                    self._warned[kind] = time.monotonic()
+                    log.warning("shared tier %s: %s failed (%r); served without it (further such failures "
+                                "this minute are counted, not logged)", self.redact(self.url), what, exc)
+        if was_up and not self._up:
             log.warning("shared tier %s unavailable (%s); serving from the local cache until it returns",
-                        self.url, self.last_error)
+                        self.redact(self.url), self.last_error)
         return SharedTierError(self.last_error)
 
     def _check(self) -> None:
@@ -324,7 +385,8 @@ class SharedTier:
             if came_back:
                 self.counters.reconnects += 1
                 if self.down_since is not None:
-                    log.warning("shared tier %s is back after %.1f s", self.url, time.monotonic() - self.down_since)
+                    log.warning("shared tier %s is back after %.1f s", self.redact(self.url),
+                                time.monotonic() - self.down_since)
                 self.down_since = None
         return True
 
@@ -340,7 +402,7 @@ class SharedTier:
         self._check()
         args: List[object] = [self.prefix, encode_tenant(tenant), digest, json.dumps(dict(key), sort_keys=True),
                               np.asarray(embedding, np.float32).tobytes(), self.replica_id, self.policy,
-                              self.budget_bytes, self.stream_maxlen]
+                              self.budget_bytes, self.stream_maxlen, STATE_OVERHEAD, ENTRY_OVERHEAD, MAX_EVICTIONS]
         for step, (tensor, weight) in states.items():
             args += [int(step), int(weight), serialize_state(tensor)]
         keys = [self.entry_key(tenant, digest), self._key("scores"), self._key("bytes"), self._key("clock"),
@@ -377,7 +439,12 @@ class SharedTier:
         if blob is None:
             self.counters.fetch_misses += 1
             return None
-        return deserialize_state(blob)
+        try:
+            return deserialize_state(blob)
+        except Exception as exc:  # noqa: BLE001 - an unreadable state is a miss, never a failed request
+            self.counters.malformed += 1
+            log.warning("shared tier: state %s:%s is unreadable (%r); treated as gone", digest, step, exc)
+            return None
 
     def record_use(self, tenant: str, digest: str, step: int) -> None:
         """A use served from this replica's local copy of a shared state: counted in the global
@@ -390,8 +457,9 @@ class SharedTier:
         uses = []
         while self._uses:
             uses.append(self._uses.popleft())
-        if uses and self._up:
-            self.touch(uses)
+        if self._up:
+            for start in range(0, len(uses), 1000):  # short scripts: Redis serves others between them
+                self.touch(uses[start:start + 1000])
         return len(uses)
 
     def touch(self, uses: Iterable[Tuple[str, str, int]]) -> None:
@@ -436,6 +504,13 @@ class SharedTier:
 
     # -- catching up (the sync thread) ----------------------------------------------------------
 
+    def server_id(self) -> str:
+        """Redis's run_id: it changes when Redis restarts."""
+        try:
+            return str(self.client.info("server").get("run_id", ""))
+        except self._errors as exc:
+            raise self._failed(exc, "info") from exc
+
     def last_event_id(self) -> str:
         """The newest event's id ("0-0" for an empty stream): where tailing starts after a resync."""
         try:
@@ -463,7 +538,12 @@ class SharedTier:
                         pipe.hgetall(name)
                     values = pipe.execute()
                 for name, fields in zip(chunk, values):
-                    entry = self._entry_from(name.decode(), fields)
+                    try:
+                        entry = self._entry_from(name.decode(), fields)
+                    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+                        self.counters.malformed += 1
+                        log.warning("shared tier: entry %r is unreadable (%r); skipped", name, exc)
+                        continue
                     if entry is not None:
                         yield entry
         except self._errors as exc:
@@ -506,13 +586,9 @@ class SharedTier:
 
     def blocking_client(self, block_ms: int):
         """A separate connection for blocking stream reads (its timeout outlasts ``block_ms``)."""
-        import redis
-
         # The block plus a second: a busy server may answer a block's end late, and a timeout here
         # marks the tier down for every request.
-        return redis.Redis.from_url(self.url, socket_timeout=max(self.timeout_s, 1.0) + block_ms / 1000.0,
-                                    socket_connect_timeout=max(self.timeout_s, 0.5),
-                                    password=os.environ.get(PASSWORD_ENV) or None)
+        return self._connect(max(self.timeout_s, 1.0) + block_ms / 1000.0)
 
     # -- admin ----------------------------------------------------------------------------------
 
@@ -522,7 +598,7 @@ class SharedTier:
             self.client.hset(self._key("replicas"), self.replica_id,
                              json.dumps({**stats, "published": time.time()}, sort_keys=True, default=str))
         except self._errors as exc:
-            raise self._failed(exc, "hset replicas") from exc
+            raise self._failed(exc, "hset replicas", mark_down=False) from exc
 
     def replica_stats(self, max_age_s: float = 60.0) -> Dict[str, Dict[str, object]]:
         """Every replica's last published counters (those silent for ``max_age_s`` are dropped)."""
@@ -530,7 +606,7 @@ class SharedTier:
         try:
             raw = self.client.hgetall(self._key("replicas"))
         except self._errors as exc:
-            raise self._failed(exc, "hgetall replicas") from exc
+            raise self._failed(exc, "hgetall replicas", mark_down=False) from exc
         now, out, stale = time.time(), {}, []
         for name, value in raw.items():
             record = json.loads(value)
@@ -556,7 +632,7 @@ class SharedTier:
                 pipe.info("persistence")
                 used, states, persistence = pipe.execute()
         except self._errors as exc:
-            raise self._failed(exc, "usage") from exc
+            raise self._failed(exc, "usage", mark_down=False) from exc
         return {"used_bytes": int(used or 0), "budget_bytes": self.budget_bytes, "states": int(states),
                 "aof_enabled": bool(persistence.get("aof_enabled")),
                 "aof_last_write_status": persistence.get("aof_last_write_status")}

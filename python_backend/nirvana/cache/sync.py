@@ -65,6 +65,7 @@ class SharedTierSync:
         self._thread: Optional[threading.Thread] = None
         self._reader = None
         self._published_at = 0.0
+        self._server_id = ""  # Redis's run_id at the last resync
 
     def start(self, wait_s: float = 10.0) -> bool:
         """Start following; waits up to ``wait_s`` for the first resync (a restarted replica then
@@ -97,26 +98,44 @@ class SharedTierSync:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                if not self.tier.available or not self._synced.is_set():
+                if not self.tier.available:
                     if not self.tier.reconnect():
                         self._first_try.set()
                         self._stop.wait(self.retry_s)
                         continue
+                    if self._synced.is_set() and self._can_resume():
+                        with self.lock:  # the same Redis, and the stream still has every event missed
+                            self.cache.publish_unpublished()
+                    else:
+                        self._synced.clear()
+                if not self._synced.is_set():
                     self.resync()
                     self._first_try.set()
                 self._follow()
             except SharedTierError:
-                self._synced.clear()  # resync once Redis answers again
+                # Redis unreachable: resume or resync once it answers. Another failed call (out of
+                # memory, a script error): go on from the same position.
                 self._first_try.set()
                 self._stop.wait(self.retry_s)
             except Exception as exc:  # noqa: BLE001 - the thread must survive any one bad event
                 self.log(f"shared tier sync: {exc!r}; resyncing")
                 self._synced.clear()
+                self._first_try.set()
                 self._stop.wait(self.retry_s)
+
+    def _can_resume(self) -> bool:
+        """Whether following on from ``position`` misses nothing: the Redis that answers is the one
+        last synced with (a restart, even from its AOF, may have lost the last writes) and its
+        stream was not trimmed past the position."""
+        if self.tier.server_id() != self._server_id:
+            return False
+        first = self.tier.first_event_id()
+        return first is None or self.position == "0-0" or _stream_id(first) <= _stream_id(self.position)
 
     def resync(self) -> Dict[str, object]:
         """Catch up with everything Redis holds (see the module docstring)."""
         began = time.perf_counter()
+        self._server_id = self.tier.server_id()
         position = self.tier.last_event_id()
         entries = list(self.tier.entries())
         with self.lock:
@@ -155,9 +174,11 @@ class SharedTierSync:
                 self._synced.clear()
 
     def _apply(self, event: SharedEvent) -> None:
-        if event.origin == self.tier.replica_id and event.op != "flush":
-            return  # applied when this replica made it
-        self.lag_ms.append(max(0.0, time.time() * 1000.0 - _stream_id(event.event_id)[0]))
+        # This replica's own changes were applied when made, but are applied again here in stream
+        # order (idempotent) so that the index ends where the stream does: after a flush by another
+        # replica that this one had not yet read when it admitted, or a resync racing an admission.
+        if event.origin != self.tier.replica_id:
+            self.lag_ms.append(max(0.0, time.time() * 1000.0 - _stream_id(event.event_id)[0]))
         if event.op == "put" and event.key is not None:
             try:
                 key = CacheKey(**event.key)
@@ -166,6 +187,6 @@ class SharedTierSync:
             self.cache.apply_shared_put(key, event.embedding, event.steps)
         elif event.op == "forget":
             self.cache.apply_shared_forget(event.digest, event.steps)
-        elif event.op == "flush" and event.origin != self.tier.replica_id:
+        elif event.op == "flush":
             self.cache.flush(event.tenant, shared=False)
         self.tier.counters.events_applied += 1
