@@ -71,6 +71,7 @@ class ReplayOutcome:
     approximate_hits: int = 0
     steps_saved: int = 0
     lookup_us: List[float] = dataclasses.field(default_factory=list)
+    fetching_lookup_us: List[float] = dataclasses.field(default_factory=list)  # those that fetched from Redis
     admit_us: List[float] = dataclasses.field(default_factory=list)
     shared: Dict[str, object] = dataclasses.field(default_factory=dict)
 
@@ -89,7 +90,11 @@ class ReplayOutcome:
                 "lookup_us_p50": round(percentile(self.lookup_us, 50), 1),
                 "lookup_us_p99": round(percentile(self.lookup_us, 99), 1),
                 "admit_us_p50": round(percentile(self.admit_us, 50), 1),
-                "admit_us_p99": round(percentile(self.admit_us, 99), 1), **self.shared}
+                "admit_us_p99": round(percentile(self.admit_us, 99), 1),
+                **({"fetching_lookups": len(self.fetching_lookup_us),
+                    "fetching_lookup_us_p50": round(percentile(self.fetching_lookup_us, 50), 1),
+                    "fetching_lookup_us_p99": round(percentile(self.fetching_lookup_us, 99), 1)}
+                   if self.fetching_lookup_us else {}), **self.shared}
 
 
 class _Replica:
@@ -124,10 +129,13 @@ def replay(rows: Sequence[dict], embeddings: np.ndarray, config: CacheConfig, la
         for i, row in enumerate(tqdm(rows, desc=label, file=sys.stderr, leave=False)):
             node = nodes[i % replicas]
             key = CacheKey(str(row["prompt"]), "", request_seed(row, i), STEPS, 7.5)
+            fetches = node.tier.counters.fetches if node.tier is not None else 0
             began = time.perf_counter()
             with node.lock:
                 result = node.cache.lookup(embeddings[i], key)
             outcome.lookup_us.append(1e6 * (time.perf_counter() - began))
+            if node.tier is not None and node.tier.counters.fetches > fetches:
+                outcome.fetching_lookup_us.append(outcome.lookup_us[-1])
             outcome.requests += 1
             outcome.steps_saved += result.start_step
             outcome.exact_hits += result.status == "exact"
@@ -209,8 +217,10 @@ def markdown(report: Dict[str, object]) -> str:
     lines += ["", f"Shared pair / one server, steps saved: **{100 * report['shared_vs_one']:.1f}%** "
                   f"(target >= {100 * TARGET:.0f}%: {'met' if report['target_met'] else 'NOT met'}).",
               f"Shared tier: {shared.get('fetches', 0)} Redis fetches, p50 {shared.get('fetch_ms_p50')} ms, "
-              f"p99 {shared.get('fetch_ms_p99')} ms; replication lag p50 {shared.get('lag_ms_p50')} ms, "
-              f"p99 {shared.get('lag_ms_p99')} ms; {shared.get('errors', 0)} errors."]
+              f"p99 {shared.get('fetch_ms_p99')} ms (lookups that fetched: p50 {shared.get('fetching_lookup_us_p50')} "
+              f"us, p99 {shared.get('fetching_lookup_us_p99')} us); replication lag p50 {shared.get('lag_ms_p50')} "
+              f"ms, p99 {shared.get('lag_ms_p99')} ms; {shared.get('errors', 0)} errors. Both replicas and their "
+              f"sync threads share this process (and its GIL) here: a served replica has one."]
     if report.get("served"):
         lines += ["", f"Served (real tritonservers, first {report['served'][0]['requests']} requests, "
                       f"STEPS={report['served_steps']}):", "",
