@@ -21,7 +21,9 @@ indexed, so the shared figure is a lower bound of what paced traffic gets.
 
 **Served** (``--served N``, a prefix of the log): the same three configurations with real
 tritonservers (two, or one) and a real redis-server, requests sent one at a time round-robin;
-hit rate and steps saved are read from the responses.
+hit rate and steps saved are read from the responses. Then what the shared tier costs a request:
+up to 60 of those prompts on a server with the shared tier and one without, side by side, each
+as a miss and again as an exact hit (p50/p99 per server).
 
 Examples:
     nirvana-replicas-bench perf/data/diffusiondb_sample.jsonl
@@ -204,6 +206,39 @@ def served(repository: Path, rows: Sequence[dict], steps: int, workdir: Path) ->
     return out
 
 
+def served_latency(repository: Path, rows: Sequence[dict], steps: int, workdir: Path) -> Dict[str, object]:
+    """Per-request latency on one server with the shared tier and one without, side by side: each
+    prompt sent to both (alternating which goes first), once as a miss and again as an exact hit.
+    The difference is what the shared tier costs a request (its admission to Redis, a lookup's
+    bookkeeping); the machine's noise falls on both."""
+    from nirvana.tritonserver import TritonServer
+    from nirvana_client import Txt2ImgClient
+    from nirvana_export.repository import repository_variant
+
+    latency: Dict[str, Dict[str, List[float]]] = {name: {"miss": [], "exact": []} for name in ("without", "shared")}
+    with RedisServer(workdir / "redis-latency", appendfsync="everysec") as redis:
+        variant = repository_variant(repository, workdir / "repo-latency-shared",
+                                     {"latent_cache": {"redis_url": redis.url, "replica_id": "latency"}})
+        with TritonServer(repository) as plain, TritonServer(variant) as shared:
+            clients = {"without": Txt2ImgClient(plain.grpc_url, "grpc", timeout_s=300),
+                       "shared": Txt2ImgClient(shared.grpc_url, "grpc", timeout_s=300)}
+            try:
+                prompts = list(dict.fromkeys(str(r["prompt"]) for r in rows))
+                for i, prompt in enumerate(tqdm(prompts, desc="served latency", file=sys.stderr, leave=False)):
+                    for name in (("without", "shared") if i % 2 else ("shared", "without")):
+                        for kind in ("miss", "exact"):
+                            began = time.perf_counter()
+                            result = clients[name].generate(prompt, seed=i, steps=steps)
+                            if result.cache_status == kind:  # a prompt already seen is no miss: left out
+                                latency[name][kind].append(time.perf_counter() - began)
+            finally:
+                for client in clients.values():
+                    client.close()
+    return {name: {f"{kind}_ms_{q}": round(1000 * percentile(values, q), 1) for kind, values in kinds.items()
+                   for q in (50, 99)} | {f"{kind}_requests": len(values) for kind, values in kinds.items()}
+            for name, kinds in latency.items()}
+
+
 def markdown(report: Dict[str, object]) -> str:
     lines = [f"Log: `{report['log']}`, {report['requests']} requests round-robin over 2 replicas, STEPS={STEPS}.", "",
              "| configuration | hit rate | UNet steps saved | vs one server | lookup p50 / p99 (us) | "
@@ -227,6 +262,14 @@ def markdown(report: Dict[str, object]) -> str:
                   "| configuration | hit rate | UNet steps saved | wall time |", "|---|---|---|---|"]
         lines += [f"| {r['label']} | {100 * r['hit_rate']:.1f}% | {100 * r['steps_saved_fraction']:.1f}% | "
                   f"{r['seconds']:.0f} s |" for r in report["served"]]
+    if report.get("served_latency"):
+        lat = report["served_latency"]
+        lines += ["", f"Request latency, one server with the shared tier vs one without, side by side "
+                      f"(STEPS={report['served_steps']}; the same prompts, alternated):", "",
+                  "| server | miss p50 / p99 (ms) | exact hit p50 / p99 (ms) | requests (miss, exact) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {r['miss_ms_50']} / {r['miss_ms_99']} | {r['exact_ms_50']} / {r['exact_ms_99']} | "
+                  f"{r['miss_requests']}, {r['exact_requests']} |" for name, r in lat.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -254,6 +297,8 @@ def run(repository: Path, log: Path, limit: Optional[int] = None, served_request
         if served_requests:
             report["served_steps"] = served_steps
             report["served"] = served(repository, rows[:served_requests], served_steps, Path(tmp))
+            report["served_latency"] = served_latency(repository, rows[:min(served_requests, 60)], served_steps,
+                                                      Path(tmp))
     output.mkdir(parents=True, exist_ok=True)
     (output / "replicas.json").write_text(json.dumps(report, indent=2))
     report["markdown"] = markdown(report)
