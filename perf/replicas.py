@@ -251,11 +251,13 @@ def markdown(report: Dict[str, object]) -> str:
     shared = report["replay"][-1]
     lines += ["", f"Shared pair / one server, steps saved: **{100 * report['shared_vs_one']:.1f}%** "
                   f"(target >= {100 * TARGET:.0f}%: {'met' if report['target_met'] else 'NOT met'}).",
-              f"Shared tier: {shared.get('fetches', 0)} Redis fetches, p50 {shared.get('fetch_ms_p50')} ms, "
-              f"p99 {shared.get('fetch_ms_p99')} ms (lookups that fetched: p50 {shared.get('fetching_lookup_us_p50')} "
-              f"us, p99 {shared.get('fetching_lookup_us_p99')} us); replication lag p50 {shared.get('lag_ms_p50')} "
-              f"ms, p99 {shared.get('lag_ms_p99')} ms; {shared.get('errors', 0)} errors. Both replicas and their "
-              f"sync threads share this process (and its GIL) here: a served replica has one."]
+              f"Shared tier: {shared.get('fetches', 0)} Redis fetches"
+              + (f", p50 {shared['fetch_ms_p50']} ms, p99 {shared['fetch_ms_p99']} ms (lookups that fetched: p50 "
+                 f"{shared['fetching_lookup_us_p50']} us, p99 {shared['fetching_lookup_us_p99']} us)"
+                 if shared.get("fetching_lookups") else "")
+              + f"; replication lag p50 {shared.get('lag_ms_p50')} ms, p99 {shared.get('lag_ms_p99')} ms; "
+              f"{shared.get('errors', 0)} errors. Both replicas and their sync threads share this process (and "
+              f"its GIL) here: a served replica has one."]
     if report.get("served"):
         lines += ["", f"Served (real tritonservers, first {report['served'][0]['requests']} requests, "
                       f"STEPS={report['served_steps']}):", "",
