@@ -117,6 +117,12 @@ class ImportReport:
 ChangeListener = Callable[[tuple], None]
 
 
+def policy_weight(key: CacheKey, step: int) -> int:
+    """The steps a state saves, which the eviction policy weighs: K, or every step of the run for
+    the final latents."""
+    return key.steps if step == FINAL else step
+
+
 @dataclass(slots=True)
 class _Entry:
     entry_id: int
@@ -256,6 +262,35 @@ class LatentCache:
             self.shared.record_use(entry.key.tenant, entry.key.digest(), step)
         return state
 
+    def _entry_for(self, key: CacheKey, embedding: np.ndarray) -> _Entry:
+        """``key``'s entry, indexed now if it is new."""
+        entry_id = self._by_digest.get(key.digest())
+        if entry_id is None:
+            entry_id = next(self._ids)
+            self._entries[entry_id] = _Entry(entry_id, key, np.asarray(embedding, dtype=np.float32))
+            self._by_digest[key.digest()] = entry_id
+            self.index.add(key.namespace, entry_id, self._entries[entry_id].embedding)
+        return self._entries[entry_id]
+
+    def _fresh_stats(self, key: CacheKey, step: int, uses: int = 0) -> StateStats:
+        now = next(self._clock)
+        return StateStats(policy_weight(key, step), inserted=now, last_used=now, uses=uses, floor=self.store.inflation)
+
+    def _put_state(self, entry: _Entry, step: int, tensor: torch.Tensor, stats: StateStats) -> bool:
+        """Put one state in the local store with ``stats``; False if the store had to drop it."""
+        key = (entry.entry_id, step)
+        self._stats[key] = stats
+        entry.steps.add(step)
+        # Final latents stay fp32 so an exact hit returns the very same image.
+        dropped = self.store.put(key, tensor, self._score(stats), torch.float32 if step == FINAL else None)
+        if self.listener is not None and key not in dropped:
+            self.listener(("put", EntryRecord(entry.entry_id, entry.key, entry.embedding,
+                                              [StateRecord(step, copy.copy(stats), self.store.get(key))])))
+        for victim in dropped:
+            self.counters["evicted_states"] += 1
+            self._forget_state(*victim)
+        return key not in dropped
+
     def _fetch_shared(self, entry: _Entry, step: int) -> Optional[torch.Tensor]:
         """A state from the shared tier, kept in the local store (read-through); None when the
         tier is down or no longer holds it."""
@@ -268,22 +303,8 @@ class LatentCache:
         if state is None:  # evicted or flushed, and the event not applied yet
             self._forget_shared(entry, step)
             return None
-        self._store_local(entry, step, state)
+        self._put_state(entry, step, state, self._fresh_stats(entry.key, step, uses=1))  # read-through
         return state
-
-    def _store_local(self, entry: _Entry, step: int, tensor: torch.Tensor, uses: int = 1) -> bool:
-        """Put one state in the local store with fresh statistics; False if the store dropped it."""
-        now = next(self._clock)
-        weight = entry.key.steps if step == FINAL else step
-        stats = StateStats(weight, inserted=now, last_used=now, uses=uses, floor=self.store.inflation)
-        self._stats[(entry.entry_id, step)] = stats
-        entry.steps.add(step)
-        dtype = torch.float32 if step == FINAL else None
-        dropped = self.store.put((entry.entry_id, step), tensor, self._score(stats), dtype)
-        for victim in dropped:
-            self.counters["evicted_states"] += 1
-            self._forget_state(*victim)
-        return (entry.entry_id, step) not in dropped
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -309,36 +330,11 @@ class LatentCache:
             states[FINAL] = final_latents
         if not states:
             return 0
-        digest = key.digest()
-        entry_id = self._by_digest.get(digest)
-        if entry_id is None:
-            entry_id = next(self._ids)
-            self._entries[entry_id] = _Entry(entry_id, key, np.asarray(embedding, dtype=np.float32))
-            self._by_digest[digest] = entry_id
-            self.index.add(key.namespace, entry_id, embedding)
-        entry = self._entries[entry_id]
+        entry = self._entry_for(key, embedding)
         stored = 0
         for step, tensor in states.items():
-            now = next(self._clock)
-            # The final latents save every step of the run: weigh them as K = steps.
-            weight = key.steps if step == FINAL else step
-            stats = self._stats.get((entry_id, step)) or StateStats(weight, inserted=now, last_used=now,
-                                                                    floor=self.store.inflation)
-            self._stats[(entry_id, step)] = stats
-            entry.steps.add(step)
-            # Final latents stay fp32 so an exact hit returns the very same image.
-            dtype = torch.float32 if step == FINAL else None
-            dropped = self.store.put((entry_id, step), tensor, self._score(stats), dtype)
-            stored += 1
-            if self.listener is not None and (entry_id, step) not in dropped:
-                stored_tensor = self.store.get((entry_id, step))
-                self.listener(("put", EntryRecord(entry_id, key, entry.embedding,
-                                                  [StateRecord(step, copy.copy(stats), stored_tensor)])))
-            for victim in dropped:
-                self.counters["evicted_states"] += 1
-                if victim == (entry_id, step):
-                    stored -= 1
-                self._forget_state(*victim)
+            stats = self._stats.get((entry.entry_id, step)) or self._fresh_stats(key, step)
+            stored += self._put_state(entry, step, tensor, stats)
         self.counters["admitted_states"] += stored
         if self.shared is not None:
             self._publish(entry, states)
@@ -348,16 +344,14 @@ class LatentCache:
         """Admit states to the shared tier too, in the dtypes the local store keeps them in (fp16
         states, fp32 final latents). False when the tier is down: the states stay local, marked
         for the next resync to publish."""
-        key = entry.key
+        key, evicted = entry.key, None
         if self.shared.available:
-            payload = {step: (tensor.to(torch.float32 if step == FINAL else self.store.dtype),
-                              key.steps if step == FINAL else step) for step, tensor in states.items()}
+            payload = {step: (tensor.to(torch.float32 if step == FINAL else self.store.dtype), policy_weight(key, step))
+                       for step, tensor in states.items()}
             try:
                 evicted = self.shared.admit(key.tenant, key.digest(), dataclasses.asdict(key), entry.embedding, payload)
             except SharedTierError:
-                evicted = None
-        else:
-            evicted = None
+                pass
         if evicted is None:
             entry.unpublished |= set(states)
             return False
@@ -377,16 +371,9 @@ class LatentCache:
         """The shared tier holds ``steps`` of ``key``'s entry (admitted by any replica): index it.
         ``replace``: these are all the steps it holds (a resync), not additions."""
         held = {int(s) for s in steps} & self._wanted_steps(key)  # another configuration's steps are ignored
-        digest = key.digest()
-        entry_id = self._by_digest.get(digest)
-        if entry_id is None:
-            if not held:
-                return
-            entry_id = next(self._ids)
-            self._entries[entry_id] = _Entry(entry_id, key, np.asarray(embedding, dtype=np.float32))
-            self._by_digest[digest] = entry_id
-            self.index.add(key.namespace, entry_id, self._entries[entry_id].embedding)
-        entry = self._entries[entry_id]
+        if not held and key.digest() not in self._by_digest:
+            return
+        entry = self._entry_for(key, embedding)
         if replace:
             entry.shared_steps = held
             self._drop_if_empty(entry)
@@ -405,11 +392,15 @@ class LatentCache:
         self._drop_if_empty(entry)
 
     def _drop_if_empty(self, entry: _Entry) -> None:
-        if not entry.steps and not entry.shared_steps and entry.entry_id in self._entries:
-            self.index.remove(entry.entry_id)
-            del self._entries[entry.entry_id]
-            if self._by_digest.get(entry.key.digest()) == entry.entry_id:
-                del self._by_digest[entry.key.digest()]
+        """Unindex an entry that no tier holds a state of any more."""
+        if entry.steps or entry.shared_steps or self._entries.get(entry.entry_id) is not entry:
+            return
+        self.index.remove(entry.entry_id)
+        del self._entries[entry.entry_id]
+        if entry.synthetic:
+            self.synthetic_entries -= 1
+        elif self._by_digest.get(entry.key.digest()) == entry.entry_id:
+            del self._by_digest[entry.key.digest()]
 
     def replace_shared_view(self, entries: Iterable[SharedEntry]) -> Dict[str, int]:
         """Make the entries' shared steps what the shared tier holds now (catch-up after start or
@@ -459,13 +450,7 @@ class LatentCache:
         if entry is None:
             return
         entry.steps.discard(step)
-        if not entry.steps and not entry.shared_steps:
-            self.index.remove(entry_id)
-            del self._entries[entry_id]
-            if entry.synthetic:
-                self.synthetic_entries -= 1
-            elif self._by_digest.get(entry.key.digest()) == entry_id:
-                del self._by_digest[entry.key.digest()]
+        self._drop_if_empty(entry)
 
     def flush(self, tenant: Optional[str] = None, shared: bool = True) -> int:
         """Drop every entry of ``tenant`` (all tenants when None), from the index and every tier.

@@ -34,7 +34,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -242,7 +242,7 @@ class SharedCounters:
     resyncs: int = 0
     touches: int = 0
     malformed: int = 0  # entries or states Redis holds that this package cannot read (skipped)
-    fetch_seconds: List[float] = field(default_factory=list)  # recent fetch times (bounded)
+    fetch_seconds: "collections.deque[float]" = field(default_factory=lambda: collections.deque(maxlen=10_000))
 
 
 def encode_tenant(tenant: str) -> str:
@@ -259,6 +259,19 @@ def serialize_state(tensor: torch.Tensor) -> bytes:
 
 def deserialize_state(blob: bytes) -> torch.Tensor:
     return load_tensors(blob)["state"]
+
+
+def score_member(tenant: str, digest: str, step: int) -> str:
+    """A state's member in the scores sorted set (the Lua scripts parse it back)."""
+    return f"{encode_tenant(tenant)}:{digest}:{step}"
+
+
+def percentiles(values: Iterable[float], scale: float = 1.0) -> Dict[str, float]:
+    """p50 and p99 of ``values`` (times ``scale``); empty without values."""
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+    return {"p50": scale * ordered[len(ordered) // 2], "p99": scale * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
 
 
 def key_prefix(shared_prefix: str, model_id: str) -> str:
@@ -280,12 +293,11 @@ class SharedTier:
     Args:
         url: ``redis://host:port/db`` (or ``rediss://``, ``unix://``); the password, if any, from
             the URL or the ``NIRVANA_REDIS_PASSWORD`` environment variable.
-        prefix: Key prefix: ``shared_prefix:model_id``.
+        prefix: Key prefix (:func:`key_prefix`: one exported model's, in this key layout).
         budget_bytes: Bytes of states the shared tier keeps; the global policy evicts beyond it.
         policy: Eviction policy (lcbfu, lru, lfu, fifo), scored in Redis.
         timeout_s: Socket timeout of every request-path call.
-        replica_id: Names this replica in the stream (its own events are not applied twice) and
-            in the cross-replica stats.
+        replica_id: Names this replica in the stream (events it wrote) and in the cross-replica stats.
         stream_maxlen: Events kept in the stream (approximately); a replica further behind resyncs.
     """
 
@@ -426,16 +438,13 @@ class SharedTier:
         began = time.perf_counter()
         keys = [self.state_key(tenant, digest, step), self.entry_key(tenant, digest), self._key("scores"),
                 self._key("clock"), self._key("inflation")]
-        member = f"{encode_tenant(tenant)}:{digest}:{step}"
+        member = score_member(tenant, digest, step)
         try:
             blob = self._fetch(keys=keys, args=[step, member, self.policy])
         except self._errors as exc:
             raise self._failed(exc, "fetch") from exc
         self.counters.fetches += 1
-        seconds = self.counters.fetch_seconds
-        seconds.append(time.perf_counter() - began)
-        if len(seconds) > 10_000:
-            del seconds[:5_000]
+        self.counters.fetch_seconds.append(time.perf_counter() - began)
         if blob is None:
             self.counters.fetch_misses += 1
             return None
@@ -470,7 +479,7 @@ class SharedTier:
         self._check()
         args: List[object] = [self.policy]
         for tenant, digest, step in uses:
-            args += [self.entry_key(tenant, digest), int(step), f"{encode_tenant(tenant)}:{digest}:{step}"]
+            args += [self.entry_key(tenant, digest), int(step), score_member(tenant, digest, step)]
         try:
             self._touch(keys=[self._key("scores"), self._key("clock"), self._key("inflation")], args=args)
         except self._errors as exc:
@@ -639,11 +648,8 @@ class SharedTier:
 
     def stats(self) -> Dict[str, object]:
         """This replica's view of the tier: reachable or not, and its counters."""
-        counters = asdict(self.counters)
-        seconds = sorted(counters.pop("fetch_seconds"))
-        if seconds:
-            counters["fetch_ms_p50"] = round(1000 * seconds[len(seconds) // 2], 3)
-            counters["fetch_ms_p99"] = round(1000 * seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))], 3)
+        counters = {name: value for name, value in vars(self.counters).items() if name != "fetch_seconds"}
+        counters.update({f"fetch_ms_{q}": round(v, 3) for q, v in percentiles(self.counters.fetch_seconds, 1000).items()})
         return {"url": self.redact(self.url), "replica_id": self.replica_id, "up": self._up,
                 "last_error": self.last_error, **counters}
 

@@ -1,15 +1,16 @@
 """Keeps a replica's cache in step with the shared tier: one background thread per replica.
 
-The thread tails the shared tier's events stream and applies other replicas' admissions,
-evictions and flushes to the local index (under the cache's lock), batches the uses served
+The thread tails the shared tier's events stream and applies every admission, eviction and
+flush in stream order to the local index (under the cache's lock), batches the uses served
 from local copies into the global eviction statistics, and publishes this replica's counters
 for the cross-replica stats.
 
 On start, and whenever Redis comes back after an outage, it *resyncs*: it notes the newest
 event, reads every entry Redis holds (the replica's catch-up after a restart; Redis's AOF made
 them durable), replaces the index's view of the shared tier with it, re-admits what this
-replica admitted while Redis was unreachable, and tails from the noted event. A replica so far
-behind that the stream was trimmed past its position resyncs the same way.
+replica admitted while Redis was unreachable, and tails from the noted event. After an outage
+of the same Redis whose stream still holds every event missed, it resumes instead; a replica so
+far behind that the stream was trimmed past its position resyncs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from typing import Callable, Dict, Optional
 
 from nirvana.cache.engine import CacheKey, LatentCache
-from nirvana.cache.shared import SharedEvent, SharedTier, SharedTierError
+from nirvana.cache.shared import SharedEvent, SharedTier, SharedTierError, percentiles
 
 
 log = logging.getLogger(__name__)
@@ -89,11 +90,8 @@ class SharedTierSync:
 
     def lag_percentiles(self) -> Dict[str, float]:
         """p50/p99 of the replication lag (ms) over recent events from other replicas."""
-        lags = sorted(self.lag_ms)
-        if not lags:
-            return {}
-        return {"lag_ms_p50": lags[len(lags) // 2], "lag_ms_p99": lags[min(len(lags) - 1, int(0.99 * len(lags)))],
-                "lag_events": len(lags)}
+        lags = {f"lag_ms_{q}": value for q, value in percentiles(self.lag_ms).items()}
+        return {**lags, "lag_events": len(self.lag_ms)} if lags else {}
 
     def _run(self) -> None:
         while not self._stop.is_set():
