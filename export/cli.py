@@ -27,7 +27,7 @@ def _stage(bar: tqdm, text: str) -> None:
 
 
 def export_embedded(repo: Path, max_length: int, bar: tqdm, weights: Optional[Path],
-                    thresholds: Optional[list] = None) -> PipelineSpec:
+                    thresholds: Optional[list] = None, guard: Optional[dict] = None) -> PipelineSpec:
     if weights is not None and not embedded.has_trained_weights(weights):
         raise ValueError(f"{weights} lacks {embedded.UNET_WEIGHTS} or {embedded.VAE_WEIGHTS}: "
                          "train them with `make train`, or export with --random-weights")
@@ -43,7 +43,7 @@ def export_embedded(repo: Path, max_length: int, bar: tqdm, weights: Optional[Pa
                         latent_height=embedded.IMAGE_SIZE // 8, latent_width=embedded.IMAGE_SIZE // 8,
                         vae_scale_factor=8, embedding_dim=hidden_dim, hidden_dim=hidden_dim,
                         max_length=max_length, scheduler_config=embedded.SD_SCHEDULER_CONFIG,
-                        thresholds=thresholds)
+                        thresholds=thresholds, guard=guard or {})
     _write_models(repo, spec, onnx_export.MeanPooledTextEncoder(text_model), tokenizer, unet, vae, bar)
     return spec
 
@@ -117,7 +117,8 @@ def main(argv=None) -> int:
             else:
                 weights = None if args.random_weights else args.weights
                 spec = export_embedded(args.repository, args.max_length, bar, weights,
-                                       embedded.calibrated_thresholds(weights) if weights else None)
+                                       embedded.calibrated_thresholds(weights) if weights else None,
+                                       embedded.calibrated_guard(weights) if weights else None)
             _stage(bar, "pipeline.json and container repository")
             repository.write_specs(args.repository, spec)
             repository.write_container_repository(args.repository, args.container_repository)

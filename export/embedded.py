@@ -86,6 +86,17 @@ def calibrated_thresholds(directory: Path = WEIGHTS_DIR) -> Optional[list]:
     return json.loads(path.read_text())["thresholds"]
 
 
+def calibrated_guard(directory: Path = WEIGHTS_DIR) -> dict:
+    """The resume guard's calibration (per false-hit target: thresholds and bounds, see
+    :func:`nirvana.guard.calibration_for`) for these weights; {} when not calibrated."""
+    import json
+
+    path = Path(directory) / CALIBRATION
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text()).get("guard") or {}
+
+
 def has_trained_weights(directory: Path = WEIGHTS_DIR) -> bool:
     return all((Path(directory) / n).exists() for n in (UNET_WEIGHTS, VAE_WEIGHTS))
 

@@ -13,6 +13,7 @@ serves) and decodes latents. Two kinds exist:
 from __future__ import annotations
 
 import abc
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nirvana.guard import GuardVerdict, ResumeCheck
 from nirvana.unet_loop import DenoiseJob, DenoiseResult, StepRangeLoop
 
 
@@ -47,12 +49,17 @@ class Generation:
         latents: Final latents [B, C, h, w].
         checkpoints: One dict per image: step -> latents [C, h, w] after that step.
         steps_run: UNet steps each image ran.
+        directions: One dict per image: step -> guidance direction at that checkpoint (the resume
+            guard's reference, see :mod:`nirvana.guard`).
+        verdicts: Per image, what the resume guard decided (outcome "" without a check).
     """
 
     images: np.ndarray
     latents: torch.Tensor
     checkpoints: List[Dict[int, torch.Tensor]]
     steps_run: List[int]
+    directions: List[Dict[int, torch.Tensor]] = dataclasses.field(default_factory=list)
+    verdicts: List[GuardVerdict] = dataclasses.field(default_factory=list)
 
 
 def initial_latents(seed: int, latent_shape: Tuple[int, int, int]) -> torch.Tensor:
@@ -91,7 +98,8 @@ class Generator(abc.ABC):
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 50,
                  guidance_scale: float = 7.5, start_step: Union[int, Sequence[int]] = 0,
                  start_latents: Optional[Sequence[torch.Tensor]] = None,
-                 save_steps: Sequence[int] = (), batch_size: int = 16, desc: Optional[str] = None) -> Generation:
+                 save_steps: Sequence[int] = (), batch_size: int = 16, desc: Optional[str] = None,
+                 checks: Optional[Sequence[Optional[ResumeCheck]]] = None) -> Generation:
         """Generate one image per prompt.
 
         Args:
@@ -105,6 +113,8 @@ class Generator(abc.ABC):
             save_steps: Steps whose latents are returned in :attr:`Generation.checkpoints`.
             batch_size: Prompts per loop batch.
             desc: Progress-bar label (None: no bar).
+            checks: Per prompt, the resume guard's latent check for a resumed start (None: none),
+                as the served loop runs it.
         """
         if len(prompts) != len(seeds):
             raise ValueError("prompts and seeds differ in length")
@@ -127,7 +137,8 @@ class Generator(abc.ABC):
                            initial_latents(seeds[index], self.latent_shape))
                 jobs.append(DenoiseJob(latents=latents, prompt_embeds=hidden[i], negative_embeds=negative,
                                        start_step=starts[index], steps=steps, guidance_scale=guidance_scale,
-                                       save_steps=tuple(save_steps)))
+                                       save_steps=tuple(save_steps),
+                                       check=checks[index] if checks is not None else None))
             results.extend(loop.run(jobs))
             bar.update(len(chunk))
         bar.close()
@@ -135,7 +146,8 @@ class Generator(abc.ABC):
         images = np.concatenate([self.decode(latents[i:i + batch_size])
                                  for i in range(0, len(results), batch_size)])
         return Generation(images=images, latents=latents, checkpoints=[dict(r.checkpoints) for r in results],
-                          steps_run=[r.steps_run for r in results])
+                          steps_run=[r.steps_run for r in results], directions=[dict(r.directions) for r in results],
+                          verdicts=[r.verdict for r in results])
 
 
 class RepositoryGenerator(Generator):

@@ -34,6 +34,7 @@ from nirvana.cache.persistence import CachePersistence
 from nirvana.cache.shared import SharedTier, SharedTierError, key_prefix
 from nirvana.cache.sync import SharedTierSync
 from nirvana.config import CacheConfig, PipelineSpec
+from nirvana.guard import DOWNGRADED, parse_verdict, policy_for
 from nirvana.pipeline import Batch, Results, bytes_column, per_request
 
 
@@ -47,6 +48,8 @@ class CacheCounters:
     steps_saved: int = 0
     lookup_seconds: float = 0.0
     coalesced: int = 0  # requests answered with an identical in-flight request's result
+    guard_checks: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # by outcome
+    guard_fallbacks: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # by reason
 
 
 class CacheLookup:
@@ -58,6 +61,7 @@ class CacheLookup:
     def __call__(self, embeddings: np.ndarray, keys: List[CacheKey], enabled: np.ndarray) -> Dict[str, np.ndarray]:
         width = len(self.cache.config.cache_steps)
         latents, start, sims, status, matched = [], [], [], [], []
+        fallbacks, fallback_steps, directions, bounds = [], [], [], []
         save = np.zeros((len(keys), width), dtype=np.int32)
         for i, key in enumerate(keys):
             began = time.perf_counter()
@@ -67,21 +71,31 @@ class CacheLookup:
             else:  # CACHE=false: a plain full generation, neither looked up nor admitted
                 result = LookupResult(DISABLED, 0, 0.0, None, "", ())
             self._count(key, result, time.perf_counter() - began)
-            if result.latents is None:
+            noise = None
+            if result.latents is None or result.guard_bound is not None and result.fallback_latents is None:
                 generator = torch.Generator().manual_seed(key.seed)
-                state = torch.randn(self.spec.latent_shape, generator=generator, dtype=torch.float32)
-            else:
-                state = result.latents.to("cpu", torch.float32)
-            latents.append(state.numpy())
+                noise = torch.randn(self.spec.latent_shape, generator=generator, dtype=torch.float32)
+            latents.append(_array(result.latents if result.latents is not None else noise))
+            # The latent check's inputs (unet_loop): the fallback start, the cached direction, the
+            # bound (< 0: no check).
+            fallbacks.append(_array(result.fallback_latents if result.fallback_latents is not None else
+                                    noise if noise is not None else torch.zeros(self.spec.latent_shape)))
+            fallback_steps.append(result.fallback_step)
+            directions.append(_array(result.direction) if result.direction is not None
+                              else np.zeros(self.spec.latent_shape, np.float32))
+            bounds.append(-1.0 if result.guard_bound is None else result.guard_bound)
             start.append(result.start_step)
             sims.append(result.similarity)
             status.append(result.status)
             matched.append(result.matched_prompt)
             save[i, :len(result.save_steps)] = result.save_steps
         rows = len(keys)
-        return {"LATENTS": np.stack(latents), "START_STEP_OUT": np.array(start, np.int32).reshape(rows, 1),
-                "SIMILARITY": np.array(sims, np.float32).reshape(rows, 1), "CACHE_STATUS": bytes_column(status),
-                "MATCHED_PROMPT": bytes_column(matched), "SAVE_STEPS": save}
+        column = lambda values, dtype: np.array(values, dtype).reshape(rows, 1)  # noqa: E731
+        return {"LATENTS": np.stack(latents), "START_STEP_OUT": column(start, np.int32),
+                "SIMILARITY": column(sims, np.float32), "CACHE_STATUS": bytes_column(status),
+                "MATCHED_PROMPT": bytes_column(matched), "SAVE_STEPS": save,
+                "FALLBACK_LATENTS": np.stack(fallbacks), "FALLBACK_STEP": column(fallback_steps, np.int32),
+                "GUIDE_DIRECTION": np.stack(directions), "GUARD_BOUND": column(bounds, np.float32)}
 
     def _count(self, key: CacheKey, result: LookupResult, seconds: float) -> None:
         c = self.counters
@@ -89,8 +103,14 @@ class CacheLookup:
         c.lookups[result.status] += 1
         if result.status == APPROXIMATE:
             c.approximate_hits_by_k[result.start_step] += 1
+        if result.guard_bound is not None:
+            return  # where a checked hit starts is known after the check: counted at admission
         c.steps_saved += result.start_step
         c.steps_run += key.steps - result.start_step
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.to("cpu", torch.float32).numpy()
 
 
 class CacheAdmission:
@@ -103,6 +123,7 @@ class CacheAdmission:
     def __call__(self, inputs, embeddings: np.ndarray, keys: List[CacheKey], enabled: np.ndarray) -> Dict[str, np.ndarray]:
         steps_in, states = inputs["CHECKPOINT_STEPS"], inputs["CHECKPOINTS"]
         final, start = inputs["FINAL_LATENTS"], inputs["START_STEP"]
+        directions = inputs.get("CHECKPOINT_DIRECTIONS")
         if states is None:
             raise rq.InvalidInput("CHECKPOINTS", "is required with CHECKPOINT_STEPS")
         if final is None:
@@ -111,6 +132,7 @@ class CacheAdmission:
         coalesced = (np.zeros(len(keys), dtype=bool) if inputs.get("COALESCED") is None
                      else inputs["COALESCED"].reshape(-1).astype(bool))
         starts = np.zeros(len(keys), dtype=np.int64) if start is None else start.reshape(-1).astype(np.int64)
+        self._count_guard(inputs, keys, starts, enabled)
         for i, key in enumerate(keys):
             if not enabled[i]:
                 continue
@@ -125,13 +147,41 @@ class CacheAdmission:
                 continue  # exact hit: nothing new to store
             checkpoints = {int(k): torch.from_numpy(np.array(states[i, j]))
                            for j, k in enumerate(steps_in[i]) if int(k) > 0}
+            guides = {} if directions is None else {
+                int(k): torch.from_numpy(np.array(directions[i, j]))
+                for j, k in enumerate(steps_in[i]) if int(k) > 0 and np.any(directions[i, j])}
             final_i = torch.from_numpy(np.array(final[i]))
             with self.lock:
-                admitted[i, 0] = self.cache.admit(embeddings[i], key, checkpoints, final_i, was_hit=bool(starts[i] > 0))
+                # START_STEP is where the row actually started (after a guard downgrade, its fallback).
+                admitted[i, 0] = self.cache.admit(embeddings[i], key, checkpoints, final_i, was_hit=bool(starts[i] > 0),
+                                                  directions=guides)
         if admitted.any() and self.persistence is not None:
             self.persistence.sync()  # appendfsync=always: acknowledged only once on disk
         # The final latents pass through to the VAE, so admission runs whenever IMAGE is asked for.
         return {"ADMITTED": admitted, "LATENTS": final}
+
+    def _count_guard(self, inputs, keys: List[CacheKey], starts: np.ndarray, enabled: np.ndarray) -> None:
+        """Count the resume guard's verdicts and a checked hit's steps (the lookup left them out):
+        saved from where the row actually started, and a downgrade's discarded UNet call as run."""
+        verdicts = inputs.get("GUARD")
+        if verdicts is None:
+            return
+        texts = rq.decode_texts(verdicts, "GUARD", len(keys), required=False, max_bytes=256)
+        for i, text in enumerate(texts):
+            try:
+                outcome, reason = parse_verdict(text)
+            except ValueError as exc:
+                raise rq.InvalidInput("GUARD", str(exc)) from None
+            if not enabled[i] or not outcome:
+                continue
+            c = self.counters
+            c.guard_checks[outcome] += 1
+            discarded = 0
+            if outcome == DOWNGRADED:
+                c.guard_fallbacks[reason] += 1
+                discarded = 1
+            c.steps_saved += int(starts[i])
+            c.steps_run += keys[i].steps - int(starts[i]) + discarded
 
 
 class CacheAdmin:
@@ -216,7 +266,8 @@ class CacheStep:
     """
 
     INPUTS = ("POOLED_EMBEDDING", "PROMPT", "NEGATIVE_PROMPT", "SEED", "STEPS", "GUIDANCE_SCALE", "TENANT",
-              "CACHE", "START_STEP", "CHECKPOINTS", "CHECKPOINT_STEPS", "FINAL_LATENTS", "COMMAND", "COALESCED")
+              "CACHE", "START_STEP", "CHECKPOINTS", "CHECKPOINT_STEPS", "FINAL_LATENTS", "COMMAND", "COALESCED",
+              "CHECKPOINT_DIRECTIONS", "GUARD")
     WANTS_PARAMETERS = True  # admin requests carry the key as a (forwarded header) request parameter
 
     def __init__(self, directory: Path, config: CacheConfig, device: Optional[torch.device] = None,
@@ -228,7 +279,8 @@ class CacheStep:
             shared = SharedTier(config.redis_url, key_prefix(config.shared_prefix, self.spec.model_id), config.shared_bytes,
                                 policy=config.eviction, timeout_s=config.shared_timeout_ms / 1000.0,
                                 replica_id=config.replica_id)
-        self.cache = LatentCache(config, self.spec.embedding_dim, device, shared=shared)
+        self.guard = policy_for(self.spec, config)
+        self.cache = LatentCache(config, self.spec.embedding_dim, device, shared=shared, guard=self.guard)
         self.lock = threading.Lock()
         self.counters = CacheCounters()
         self.persistence: Optional[CachePersistence] = None

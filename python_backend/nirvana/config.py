@@ -24,6 +24,8 @@ PAPER_THRESHOLDS = ((0.95, 25), (0.90, 20), (0.85, 15), (0.75, 10), (0.65, 5))
 # Most candidates one lookup weighs: a search asks faiss for lookup_k plus room for removed entries,
 # and faiss's GPU indexes select at most 2,048 results per query.
 MAX_LOOKUP_K = 1024
+# The latent_cache's resume guard settings (nirvana.guard).
+GUARDS = ("latent", "off")
 
 
 class ConfigError(ValueError):
@@ -217,6 +219,14 @@ class CacheConfig:
     shared_prefix: str = "nirvana"
     shared_timeout_ms: int = 100
     replica_id: str = ""
+    # Resume guard (nirvana.guard): "latent" checks every approximate hit in the step loop's first
+    # UNet call and downgrades one whose new prompt moves the cached state too far; "off" serves
+    # hits unchecked (the paper's design). false_hit_target: the share of served hits the operator
+    # accepts losing an attribute the prompt names; the model's calibration for it supplies the
+    # thresholds and the guard's bounds (a model calibrated for no target gets the conservative
+    # defaults of nirvana.guard.CONSERVATIVE).
+    guard: str = "latent"
+    false_hit_target: float = 0.02
 
     def with_model_thresholds(self, spec: "PipelineSpec") -> "CacheConfig":
         """This config, with the model's thresholds where none are configured.
@@ -227,7 +237,11 @@ class CacheConfig:
         """
         if self.thresholds or not spec.thresholds:
             return self
-        thresholds = tuple(sorted(((float(s), int(k)) for s, k in spec.thresholds), reverse=True))
+        from nirvana.guard import calibration_for
+
+        calibrated = calibration_for(spec, self) if self.guard != "off" else None
+        table = calibrated.thresholds if calibrated is not None else spec.thresholds
+        thresholds = tuple(sorted(((float(s), int(k)) for s, k in table), reverse=True))
         cache_steps = tuple(sorted(set(self.cache_steps) | {k for _, k in thresholds}))
         config = dataclasses.replace(self, thresholds=thresholds, cache_steps=cache_steps)
         config.validate()
@@ -267,6 +281,10 @@ class CacheConfig:
             raise ConfigError("shared_bytes and shared_timeout_ms must be >= 1")
         if not self.shared_prefix.strip(":"):
             raise ConfigError("shared_prefix must not be empty")
+        if self.guard not in GUARDS:
+            raise ConfigError(f"guard must be one of {', '.join(GUARDS)}, not {self.guard!r}")
+        if not 0.0 < self.false_hit_target < 1.0:
+            raise ConfigError("false_hit_target must be within (0, 1), e.g. 0.02 for 2% of served hits")
 
 
 BATCHING_MODES = ("step", "execute")
@@ -356,7 +374,10 @@ class PipelineSpec:
         max_length: Tokens per prompt.
         scheduler_config: The diffusers scheduler config of the checkpoint.
         thresholds: (similarity, K) pairs suited to this model's embedder, used when the
-            latent_cache config sets none.
+            latent_cache config sets none and the resume guard is off.
+        guard: The resume guard's calibration for this model (see
+            :func:`nirvana.guard.calibration_for`): per false-hit target, the thresholds and the
+            guard's bounds; empty for an uncalibrated checkpoint.
     """
 
     model_id: str
@@ -369,6 +390,7 @@ class PipelineSpec:
     max_length: int
     scheduler_config: dict = dataclasses.field(default_factory=dict)
     thresholds: list = dataclasses.field(default_factory=lambda: [list(p) for p in PAPER_THRESHOLDS])
+    guard: dict = dataclasses.field(default_factory=dict)
 
     @property
     def latent_shape(self) -> Tuple[int, int, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Dict, Tuple
 
 from nirvana.cache.engine import APPROXIMATE, DISABLED, EXACT, MISS
+from nirvana.guard import DOWNGRADED, FALLBACK_REASONS, PASSED
 
 
 class CacheMetrics:
@@ -40,6 +41,10 @@ class CacheMetrics:
                                    family.COUNTER),
             "coalesced": make("nirvana_cache_coalesced_total", "Requests answered with an identical in-flight "
                               "request's result (not admitted again)", family.COUNTER),
+            "guard_checks": make("nirvana_guard_checks_total", "Approximate hits the resume guard checked, by "
+                                 "outcome (passed, downgraded)", family.COUNTER),
+            "guard_fallbacks": make("nirvana_guard_fallbacks_total", "Approximate hits the resume guard "
+                                    "downgraded, by reason (divergence, unguided)", family.COUNTER),
             # The shared tier (Redis), when redis_url is set.
             "shared_up": make("nirvana_shared_tier_up", "1 while the shared tier (Redis) answers, 0 while this "
                               "replica serves from its local tiers alone", family.GAUGE),
@@ -82,6 +87,10 @@ class CacheMetrics:
         self._count("steps", counters.steps_saved, kind="saved")
         self._count("lookup_seconds", counters.lookup_seconds)
         self._count("coalesced", counters.coalesced)
+        for outcome in (PASSED, DOWNGRADED):
+            self._count("guard_checks", counters.guard_checks.get(outcome, 0), outcome=outcome)
+        for reason in FALLBACK_REASONS:
+            self._count("guard_fallbacks", counters.guard_fallbacks.get(reason, 0), reason=reason)
         cache = step.cache
         self._count("admitted", cache.counters["admitted_states"])
         self._count("flushed", cache.counters["flushed_states"])

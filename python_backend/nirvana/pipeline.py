@@ -21,6 +21,7 @@ import torch
 from nirvana import admin
 from nirvana import inputs as rq
 from nirvana.config import OnnxModelConfig, PipelineSpec, RequestDefaults, UNetLoopConfig
+from nirvana.guard import ResumeCheck, format_verdict
 from nirvana.onnx_session import OnnxModel
 from nirvana.schedulers import history_length, make_scheduler
 from nirvana.text import PromptTokenizer
@@ -185,8 +186,11 @@ class UNetLoopStep:
     """
 
     INPUTS = ("HIDDEN_STATES", "NEGATIVE_HIDDEN_STATES", "LATENTS", "START_STEP", "STEPS",
-              "GUIDANCE_SCALE", "SAVE_STEPS", "DEADLINE_NS")
-    REQUIRED = INPUTS[:-1]
+              "GUIDANCE_SCALE", "SAVE_STEPS", "DEADLINE_NS", "FALLBACK_LATENTS", "FALLBACK_STEP",
+              "GUIDE_DIRECTION", "GUARD_BOUND")
+    REQUIRED = INPUTS[:7]
+    # The resume guard's latent check (from the cache lookup): all four or none.
+    CHECK_INPUTS = INPUTS[8:]
 
     def __init__(self, directory: Path, config: UNetLoopConfig,
                  on_engine_tick: Optional[Callable[[StepEngine], None]] = None,
@@ -272,14 +276,23 @@ class UNetLoopStep:
         width = inputs["SAVE_STEPS"].shape[1]
         shape = self.spec.latent_shape
         checkpoints = np.zeros((len(done), width, *shape), dtype=np.float32)
+        directions = np.zeros((len(done), width, *shape), dtype=np.float32)  # zeros: none (unguided)
         steps = np.zeros((len(done), width), dtype=np.int32)
         for i, res in enumerate(done):
             for j, (k, state) in enumerate(sorted(res.checkpoints.items())):
                 checkpoints[i, j] = state.cpu().numpy()
+                if k in res.directions:
+                    directions[i, j] = res.directions[k].cpu().numpy()
                 steps[i, j] = k
+        rows = len(done)
+        # An exact hit (nothing run) keeps its START_STEP; a row the guard downgraded reports its fallback.
+        started = [res.start_step if res.steps_run else int(s)
+                   for res, s in zip(done, inputs["START_STEP"].reshape(-1))]
         return {"FINAL_LATENTS": np.stack([res.latents.cpu().numpy() for res in done]),
-                "CHECKPOINTS": checkpoints, "CHECKPOINT_STEPS": steps,
-                "COALESCED": np.array(coalesced, dtype=bool).reshape(len(done), 1)}
+                "CHECKPOINTS": checkpoints, "CHECKPOINT_STEPS": steps, "CHECKPOINT_DIRECTIONS": directions,
+                "COALESCED": np.array(coalesced, dtype=bool).reshape(rows, 1),
+                "START_STEP_USED": np.array(started, dtype=np.int32).reshape(rows, 1),
+                "GUARD": bytes_column([format_verdict(res.verdict) for res in done])}
 
     def jobs_for(self, inputs) -> List[DenoiseJob]:
         """The loop jobs of one request (one per row); raises InvalidInput naming the field."""
@@ -296,6 +309,7 @@ class UNetLoopStep:
         jobs = []
         device = self.unet.device
         as_tensor = lambda a: torch.from_numpy(np.array(a, dtype=np.float32)).to(device)  # noqa: E731
+        checks = self._check_inputs(inputs, rows)
         for i in range(rows):
             if not 0 <= int(start[i]) <= int(steps[i]):
                 raise rq.InvalidInput("START_STEP", f"{int(start[i])} is outside 0..STEPS ({int(steps[i])})")
@@ -307,9 +321,42 @@ class UNetLoopStep:
             save = tuple(int(k) for k in inputs["SAVE_STEPS"][i] if 0 < int(k) < int(steps[i])) \
                 if self.resumes_from_cache else ()
             latents, hidden, negative = (inputs[n][i] for n in ("LATENTS", "HIDDEN_STATES", "NEGATIVE_HIDDEN_STATES"))
+            check = None
+            if checks is not None and checks["GUARD_BOUND"][i] >= 0 and 0 < int(start[i]) < int(steps[i]):
+                fallback_step = int(checks["FALLBACK_STEP"][i])
+                if not 0 <= fallback_step < int(start[i]):
+                    raise rq.InvalidInput("FALLBACK_STEP", f"{fallback_step} is outside 0..START_STEP-1 "
+                                                           f"({int(start[i]) - 1})")
+                check = ResumeCheck(as_tensor(checks["GUIDE_DIRECTION"][i]), float(checks["GUARD_BOUND"][i]),
+                                    fallback_step, as_tensor(checks["FALLBACK_LATENTS"][i]))
+            guard_part = () if check is None else (checks["GUIDE_DIRECTION"][i], float(checks["GUARD_BOUND"][i]),
+                                                   int(checks["FALLBACK_STEP"][i]), checks["FALLBACK_LATENTS"][i])
             jobs.append(DenoiseJob(
                 latents=as_tensor(latents), prompt_embeds=as_tensor(hidden), negative_embeds=as_tensor(negative),
                 start_step=int(start[i]), steps=int(steps[i]), guidance_scale=float(guidance[i]),
-                save_steps=save, digest=inputs_digest(latents, hidden, negative, int(start[i]), int(steps[i]),
-                                                   float(guidance[i]), save)))
+                save_steps=save, check=check,
+                digest=inputs_digest(latents, hidden, negative, int(start[i]), int(steps[i]), float(guidance[i]),
+                                     save, *guard_part)))
         return jobs
+
+    def _check_inputs(self, inputs, rows: int) -> Optional[Dict[str, np.ndarray]]:
+        """The latent check's four inputs, validated, or None when the request sends none."""
+        sent = [name for name in self.CHECK_INPUTS if inputs.get(name) is not None]
+        if not sent:
+            return None
+        missing = [name for name in self.CHECK_INPUTS if name not in sent]
+        if missing:
+            raise rq.InvalidInput(missing[0], f"is required with {', '.join(sent)} (the resume guard's check)")
+        out = {}
+        for name in self.CHECK_INPUTS:
+            value = inputs[name]
+            if len(value) != rows:
+                raise rq.InvalidInput(name, f"has {len(value)} rows, LATENTS has {rows}")
+            out[name] = value.reshape(rows, -1)[:, 0] if name in ("FALLBACK_STEP", "GUARD_BOUND") else value
+        for name in ("FALLBACK_LATENTS", "GUIDE_DIRECTION"):
+            if out[name].shape[1:] != inputs["LATENTS"].shape[1:]:
+                raise rq.InvalidInput(name, f"has shape {list(out[name].shape[1:])} per row, LATENTS "
+                                            f"{list(inputs['LATENTS'].shape[1:])}")
+        if np.any(np.isnan(out["GUARD_BOUND"])):
+            raise rq.InvalidInput("GUARD_BOUND", "must be a number (< 0: no check)")
+        return out

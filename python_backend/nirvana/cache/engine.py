@@ -10,6 +10,11 @@ cache of it: an entry also knows the steps the shared tier holds (admitted by an
 learned from its events stream), a lookup may choose one of them and fetch it, and every
 admission and flush goes to the shared tier too. The shared tier failing never fails a lookup
 or an admission: the cache then serves what it holds locally.
+
+With the resume guard (:mod:`nirvana.guard`), a state at step K is stored together with its
+guidance direction (one tensor [2, C, H, W]: latents, direction), and an approximate hit carries
+the direction, the bound its K allows and a fallback start (a smaller step of the same entry, or
+the request's own noise) for the step loop's latent check.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from nirvana.cache.policy import StateStats, eviction_score
 from nirvana.cache.shared import SharedEntry, SharedTier, SharedTierError
 from nirvana.cache.store import DTYPES, DiskTier, LatentStore, MemoryTier
 from nirvana.config import CacheConfig
+from nirvana.guard import GuardPolicy
 from nirvana.steps import scale_steps, start_step_for
 
 MISS, APPROXIMATE, EXACT = "miss", "approximate", "exact"
@@ -65,7 +71,16 @@ class CacheKey:
 
 @dataclass
 class LookupResult:
-    """What a lookup decided for one request."""
+    """What a lookup decided for one request.
+
+    Attributes:
+        direction: The chosen state's guidance direction (the latent check's reference); None
+            when the hit is served unchecked.
+        guard_bound: Largest divergence the latent check allows at ``start_step``; None: no check.
+        fallback_step: Where a downgraded hit restarts (0: from the request's own noise).
+        fallback_latents: The state after ``fallback_step`` steps (None when 0: the caller makes
+            the noise, as for a miss).
+    """
 
     status: str
     start_step: int
@@ -73,6 +88,23 @@ class LookupResult:
     latents: Optional[torch.Tensor] = None
     matched_prompt: str = ""
     save_steps: Tuple[int, ...] = ()
+    direction: Optional[torch.Tensor] = None
+    guard_bound: Optional[float] = None
+    fallback_step: int = 0
+    fallback_latents: Optional[torch.Tensor] = None
+
+
+def pack_state(latents: torch.Tensor, direction: Optional[torch.Tensor]) -> torch.Tensor:
+    """One stored tensor for a state: [2, C, H, W] (latents, guidance direction), or the latents
+    alone [C, H, W] when no direction was computed (an unguided request)."""
+    return latents if direction is None else torch.stack([latents, direction.to(latents.dtype)])
+
+
+def unpack_state(state: torch.Tensor, latent_rank: int = 3) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(latents, direction or None) of a stored state (see :func:`pack_state`)."""
+    if state.dim() == latent_rank + 1 and state.shape[0] == 2:
+        return state[0], state[1]
+    return state, None
 
 
 @dataclass
@@ -142,12 +174,15 @@ class LatentCache:
         embedding_dim: Width of the prompt embeddings.
         device: Where the device tier lives (CUDA when present); ignored without a device budget.
         shared: The shared tier every replica sees (None: this cache is the only one).
+        guard: The resume guard's calibrated bounds (None: approximate hits are served unchecked,
+            as in the paper).
     """
 
     def __init__(self, config: CacheConfig, embedding_dim: int, device: Optional[torch.device] = None,
-                 shared: Optional[SharedTier] = None):
+                 shared: Optional[SharedTier] = None, guard: Optional[GuardPolicy] = None):
         self.config = config
         self.shared = shared
+        self.guard = guard
         self.index = EmbeddingIndex(embedding_dim, kind=config.index, use_gpu=config.use_gpu,
                                     threads=config.index_threads)
         tiers = []
@@ -225,14 +260,36 @@ class LatentCache:
             options.extend((step, similarity, entry) for step in self._held_steps(entry) if 0 < step <= wanted)
         options.sort(key=lambda option: (option[0], option[1]), reverse=True)
         for step, similarity, entry in options:
-            state = self._use(entry.entry_id, step)
+            state = self._use(entry.entry_id, step, key.steps)
             if state is not None:
                 self._count(key, "approximate_hits")
-                return LookupResult(APPROXIMATE, step, similarity, state, entry.key.prompt,
-                                    tuple(s for s in save if s > step))
+                return self._approximate_hit(key, entry, step, similarity, state, save)
         self._count(key, "misses")
         # A miss still reports the nearest similarity seen, so clients can see how close it came.
         return LookupResult(MISS, 0, best, None, "", save)
+
+    def _approximate_hit(self, key: CacheKey, entry: _Entry, step: int, similarity: float,
+                         state: torch.Tensor, save: Tuple[int, ...]) -> LookupResult:
+        """The hit on ``entry`` at ``step``, with what the latent check needs when a guard is on."""
+        latents, direction = unpack_state(state)
+        result = LookupResult(APPROXIMATE, step, similarity, latents, entry.key.prompt,
+                              tuple(s for s in save if s > step))
+        if self.guard is None:
+            return result
+        bound = self.guard.bound_for(step, self.config.base_steps, key.steps)
+        if direction is None or bound is None:
+            return result  # within unchecked_max_k (see _use): served unchecked
+        result.direction, result.guard_bound = direction, bound
+        # A downgraded hit restarts from the largest local step of the same entry the guard lets
+        # through unchecked, and then keeps every state after it.
+        limit = min(step - 1, self.guard.fallback_limit(self.config.base_steps, key.steps))
+        for fallback in sorted((s for s in entry.steps if 0 < s <= limit), reverse=True):
+            stored = self.store.get((entry.entry_id, fallback))
+            if stored is not None:
+                result.fallback_step, result.fallback_latents = fallback, unpack_state(stored)[0]
+                break
+        result.save_steps = tuple(s for s in save if s > result.fallback_step)
+        return result
 
     def _count(self, key: CacheKey, name: str) -> None:
         self.counters[name] += 1
@@ -244,7 +301,17 @@ class LatentCache:
             return entry.steps | entry.shared_steps
         return entry.steps
 
-    def _use(self, entry_id: int, step: int) -> Optional[torch.Tensor]:
+    def _servable(self, state: torch.Tensor, step: int, steps: int) -> bool:
+        """With the guard on, an approximate hit needs the state's direction and a bound for its K,
+        unless K is within what the guard serves unchecked."""
+        if self.guard is None or step == FINAL:
+            return True
+        if step <= self.guard.unchecked_limit(self.config.base_steps, steps):
+            return True
+        return (unpack_state(state)[1] is not None and
+                self.guard.bound_for(step, self.config.base_steps, steps) is not None)
+
+    def _use(self, entry_id: int, step: int, steps: int = 0) -> Optional[torch.Tensor]:
         entry = self._entries.get(entry_id)
         if entry is None:
             return None
@@ -252,7 +319,10 @@ class LatentCache:
         if state is None and step in entry.steps:
             self._forget_state(entry_id, step)  # the local tier lost it (a damaged disk file)
         if state is None:
-            return self._fetch_shared(entry, step)
+            state = self._fetch_shared(entry, step)
+            return state if state is None or self._servable(state, step, steps or entry.key.steps) else None
+        if not self._servable(state, step, steps or entry.key.steps):
+            return None  # not a use: the lookup goes on to the next option
         stats = self._stats[(entry_id, step)]
         stats.uses += 1
         stats.last_used = next(self._clock)
@@ -309,7 +379,8 @@ class LatentCache:
     # -- admission ------------------------------------------------------------------------------
 
     def admit(self, embedding: np.ndarray, key: CacheKey, checkpoints: Mapping[int, torch.Tensor],
-              final_latents: Optional[torch.Tensor] = None, was_hit: bool = False) -> int:
+              final_latents: Optional[torch.Tensor] = None, was_hit: bool = False,
+              directions: Optional[Mapping[int, torch.Tensor]] = None) -> int:
         """Store a finished request's states.
 
         Args:
@@ -319,13 +390,16 @@ class LatentCache:
             final_latents: The request's final latents (for the exact-hit fast path).
             was_hit: The request started from a cached state; with ``admit_on_hit`` off,
                 it admits only its final latents.
+            directions: Step -> the request's guidance direction at that checkpoint (the resume
+                guard's reference), stored with the state; steps without one are stored alone.
 
         Returns:
             How many states were stored.
         """
         states: Dict[int, torch.Tensor] = {}
+        directions = directions or {}
         if not was_hit or self.config.admit_on_hit:
-            states.update({int(k): v for k, v in checkpoints.items() if int(k) > 0})
+            states.update({int(k): pack_state(v, directions.get(int(k))) for k, v in checkpoints.items() if int(k) > 0})
         if self.config.exact_hit and final_latents is not None:
             states[FINAL] = final_latents
         if not states:

@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "NIRVANA_REDIS_PASSWORD"  # the password never sits in a model config
 # Layout version of the keys and values below: a package writing another layout uses other keys.
-FORMAT = "v1"
+# v2: a state may be [2, C, H, W] (latents and the resume guard's direction); v1 replicas would
+# misread those, so the two never share keys (a v1 tier is left alone, and the cache starts empty).
+FORMAT = "v2"
 FINAL = -1  # step key of an entry's final latents (nirvana.cache.engine.FINAL)
 
 # Lua: store one entry's states, score them by the policy, then evict (lowest score first) until

@@ -37,7 +37,12 @@ from safetensors.torch import load_file, save_file
 from nirvana.cache.engine import CacheKey, EntryRecord, StateRecord
 from nirvana.cache.policy import StateStats
 
-FORMAT = 2  # 2: journal_from in entries.json, format checked on load (1 had neither)
+# 3: a state at step K may be [2, C, H, W] (latents and the resume guard's guidance direction,
+# nirvana.cache.engine.pack_state); 2: journal_from in entries.json, format checked on load (1 had
+# neither). Format 2 is migrated on load: its states have no direction, so the guard serves them only
+# unchecked (within unchecked_max_k; exact hits keep working) until they are replaced or evicted.
+FORMAT = 3
+MIGRATED_FORMATS = (2,)
 # Small shards: safetensors' save_file holds the GIL while it serializes a file, and the snapshot
 # is written beside the request threads; 64 SD 1.5 states are 2 MB, a few ms each.
 STATES_PER_SHARD = 64
@@ -194,9 +199,13 @@ def read_snapshot(root: Path) -> LoadedSnapshot:
             if manifest_hash and hashlib.sha256(manifest_bytes).hexdigest() != manifest_hash:
                 raise ValueError("manifest.json does not match CURRENT")
             manifest = json.loads(manifest_bytes)
-            if manifest.get("format") != FORMAT:
+            if manifest.get("format") in MIGRATED_FORMATS:
+                problems.append(f"{folder.name}: snapshot format {manifest['format']} (written before the resume "
+                                f"guard) migrated to {FORMAT}: its states carry no guidance direction, so they are "
+                                f"served only where the guard allows unchecked hits (exact hits are unaffected)")
+            elif manifest.get("format") != FORMAT:
                 raise ValueError(f"snapshot format {manifest.get('format')!r} is not the one this build reads "
-                                 f"({FORMAT})")
+                                 f"({FORMAT}, or {', '.join(map(str, MIGRATED_FORMATS))} migrated)")
             files = manifest["files"]
             for name in ("entries.json", "embeddings.npy"):
                 if _sha256(folder / name) != files.get(name):
