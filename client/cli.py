@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     print(f"{args.output}: {result.image.shape[1]}x{result.image.shape[0]}, seed {result.seed}, {cache}, "
           f"skipped {result.start_step} of {result.steps} steps, {result.latency_s:.2f}s"
           + (" [prompt truncated]" if result.prompt_truncated else "")
-          + (" [coalesced with an identical request in flight]" if result.coalesced else ""))
+          + (" [coalesced with an identical request in flight]" if result.coalesced else "")
+          + (f" [resume guard: {result.guard}]" if result.guard else ""))
     return 0
 
 

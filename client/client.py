@@ -17,7 +17,7 @@ import numpy as np
 
 MODEL = "txt2img"
 OUTPUTS = ("IMAGE", "CACHE_STATUS", "START_STEP", "SIMILARITY", "MATCHED_PROMPT", "SEED_USED",
-           "STEPS_USED", "ADMITTED", "PROMPT_TRUNCATED", "COALESCED")
+           "STEPS_USED", "ADMITTED", "PROMPT_TRUNCATED", "COALESCED", "GUARD")
 
 
 class Txt2ImgError(RuntimeError):
@@ -39,6 +39,13 @@ class GenerationResult:
     prompt_truncated: bool
     latency_s: float
     coalesced: bool = False  # an identical request was in flight: this one got its result, ran no step
+    # The resume guard on an approximate hit: "" (not checked), "passed", or "downgraded:<reason>"
+    # (start_step is then where it restarted: a smaller K of the matched entry, or 0 = from noise).
+    guard: str = ""
+
+    @property
+    def downgraded(self) -> bool:
+        return self.guard.startswith("downgraded")
 
     @property
     def steps_skipped(self) -> int:
@@ -188,4 +195,5 @@ def parse_result(as_numpy, latency_s: float) -> GenerationResult:
         prompt_truncated=bool(as_numpy("PROMPT_TRUNCATED").reshape(-1)[0]),
         latency_s=latency_s,
         coalesced=_flag(as_numpy("COALESCED")),
+        guard=_text(as_numpy("GUARD").reshape(-1)[0]) if as_numpy("GUARD") is not None else "",
     )

@@ -1,8 +1,9 @@
 """``make demo``: serve the embedded model, send a few prompts, show what the cache did.
 
 Starts tritonserver on free local ports, sends prompts (similar ones, an exact
-repeat, a repeat with another seed, an unrelated one) over gRPC, prints a table,
-writes the images and stops the server. The embedded model is trained on
+repeat, a repeat with another seed, one-attribute edits, an unrelated one) over gRPC,
+prints a table with the resume guard's decision for each hit, writes the images and
+stops the server. The embedded model is trained on
 captioned shapes (``nirvana_quality.shapes``), so the prompts name shapes,
 colours, positions and backgrounds. Every approximate hit is also generated
 with the cache bypassed (same seed), and ``side_by_side.png`` shows the two.
@@ -19,11 +20,14 @@ from nirvana_client.client import Txt2ImgClient
 
 PROMPTS = [
     ("a large red circle on the left on a white background", 42),
-    ("a big crimson circle on the left, on a white background, high quality", 42),
-    ("a large red circle on the left on a white background", 42),
-    ("a large red circle on the left on a white background", 7),
+    ("a big crimson circle on the left, on a white background, high quality", 42),  # rewording
+    ("a large red circle on the left on a white background", 42),  # exact repeat
+    ("a large red circle on the left on a white background", 7),  # another seed
+    ("a large red circle on the left on a white background, 4k", 42),  # framing words added
     ("two small blue squares at the top on a black background", 42),
-    ("two small blue squares at the top on a striped background", 42),
+    ("two small blue squares at the top on a striped background", 42),  # one-attribute edit: background
+    ("two small green squares at the top on a black background", 42),  # one-attribute edit: colour
+    ("a large red square on the left on a white background", 42),  # one-attribute edit: shape
     ("three yellow triangles in the lower half, against a dark background", 42),
 ]
 
@@ -72,14 +76,18 @@ def main(argv=None) -> int:
     print("server stopped\n")
     if pairs:
         save_side_by_side(args.output / "side_by_side.png", pairs)
-    header = f"{'#':>2}  {'cache':<11} {'sim':>5} {'start':>5} {'run':>4} {'time':>6}  {'seed':>4}  prompt"
+    header = (f"{'#':>2}  {'cache':<11} {'sim':>5} {'start':>5} {'run':>4} {'time':>6}  {'seed':>4}  "
+              f"{'resume guard':<22} prompt")
     print(header)
     print("-" * len(header))
     for i, prompt, seed, r, _ in rows:
         print(f"{i:>2}  {r.cache_status:<11} {r.similarity:>5.3f} {r.start_step:>5} {r.steps - r.start_step:>4} "
-              f"{r.latency_s:>5.2f}s  {seed:>4}  {prompt}")
+              f"{r.latency_s:>5.2f}s  {seed:>4}  {r.guard or '-':<22} {prompt}")
         if r.cache_status == "approximate":
             print(f"{'':>15}matched: {r.matched_prompt}")
+    print("\nresume guard: 'passed' = the new prompt moves the cached state no further than the calibrated bound, "
+          "so the hit resumed at its K; 'downgraded' = it would (a changed attribute), so the request restarted "
+          "from a smaller step of the same entry or from its own noise (start shows where).")
     total = sum(r.steps for _, _, _, r, _ in rows)
     run = sum(r.steps - r.start_step for _, _, _, r, _ in rows)
     print(f"\nUNet steps run: {run} of {total} ({1 - run / total:.0%} saved); images in {args.output}/")

@@ -39,7 +39,7 @@ from nirvana.cache.shared import SharedEntry, SharedTier, SharedTierError
 from nirvana.cache.store import DTYPES, DiskTier, LatentStore, MemoryTier
 from nirvana.config import CacheConfig
 from nirvana.guard import GuardPolicy
-from nirvana.steps import scale_steps, start_step_for
+from nirvana.steps import scale_step, scale_steps, start_step_for
 
 MISS, APPROXIMATE, EXACT = "miss", "approximate", "exact"
 DISABLED = "disabled"  # the request bypassed the cache (CACHE=false)
@@ -219,7 +219,8 @@ class LatentCache:
 
     # -- lookup ---------------------------------------------------------------------------------
 
-    def lookup(self, embedding: np.ndarray, key: CacheKey) -> LookupResult:
+    def lookup(self, embedding: np.ndarray, key: CacheKey,
+               k_cap: Optional[Callable[[CacheKey], int]] = None) -> LookupResult:
         """Find where a request can start.
 
         The ``lookup_k`` nearest entries of the request's namespace are candidates. A candidate's
@@ -229,6 +230,11 @@ class LatentCache:
         farther one holds the K its own similarity allows. The candidate with the largest usable
         K wins; among equal K, the more similar one. ``lookup_k=1`` considers the nearest entry
         only.
+
+        Args:
+            k_cap: The largest K (at ``base_steps``) a candidate may give, from its key (e.g. the
+                resume guard's token check: how much the new prompt adds to the candidate's);
+                None: the thresholds alone decide.
 
         Returns:
             An exact hit (final latents, start_step == steps), an approximate hit (a cached
@@ -257,6 +263,8 @@ class LatentCache:
             wanted = start_step_for(similarity, self.config.thresholds, self.config.base_steps, key.steps)
             if wanted == 0:
                 break  # results are sorted: later ones are less similar
+            if k_cap is not None:
+                wanted = min(wanted, scale_step(k_cap(entry.key), self.config.base_steps, key.steps))
             options.extend((step, similarity, entry) for step in self._held_steps(entry) if 0 < step <= wanted)
         options.sort(key=lambda option: (option[0], option[1]), reverse=True)
         for step, similarity, entry in options:
