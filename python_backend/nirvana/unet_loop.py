@@ -205,7 +205,7 @@ class StepRangeLoop:
             direction = None if uncond is None else (cond - uncond)[0]
             if a.pending_check and a.settle_check(direction):
                 continue  # downgraded: this call's prediction was for the cached state, not the fallback
-            if direction is not None and a.step in a.job.save_steps:
+            if direction is not None and a.step in a.result.checkpoints:
                 a.result.directions[a.step] = direction.clone()  # the guard's reference for x_K
             t = a.timesteps[a.step]
             a.latents = a.scheduler.step(guided, t, a.latents, return_dict=False)[0]
