@@ -52,6 +52,8 @@ class Generation:
         directions: One dict per image: step -> guidance direction at that checkpoint (the resume
             guard's reference, see :mod:`nirvana.guard`).
         verdicts: Per image, what the resume guard decided (outcome "" without a check).
+        first_directions: Per image, the guidance direction of its first UNet call (None unguided).
+        unconds: One dict per image: step -> unconditional prediction at that checkpoint.
     """
 
     images: np.ndarray
@@ -60,6 +62,8 @@ class Generation:
     steps_run: List[int]
     directions: List[Dict[int, torch.Tensor]] = dataclasses.field(default_factory=list)
     verdicts: List[GuardVerdict] = dataclasses.field(default_factory=list)
+    first_directions: List[Optional[torch.Tensor]] = dataclasses.field(default_factory=list)
+    unconds: List[Dict[int, torch.Tensor]] = dataclasses.field(default_factory=list)
 
 
 def initial_latents(seed: int, latent_shape: Tuple[int, int, int]) -> torch.Tensor:
@@ -147,7 +151,9 @@ class Generator(abc.ABC):
                                  for i in range(0, len(results), batch_size)])
         return Generation(images=images, latents=latents, checkpoints=[dict(r.checkpoints) for r in results],
                           steps_run=[r.steps_run for r in results], directions=[dict(r.directions) for r in results],
-                          verdicts=[r.verdict for r in results])
+                          verdicts=[r.verdict for r in results],
+                          first_directions=[r.first_direction for r in results],
+                          unconds=[dict(r.unconds) for r in results])
 
 
 class RepositoryGenerator(Generator):

@@ -13,8 +13,8 @@ because most pairs in a band are framing or rewording pairs; so pairs are drawn 
 
 Each pair is measured once at every K of the grid, and the record keeps everything a cache
 policy needs to be judged offline: the similarity (for thresholds), each K's outcome (attributes
-lost, adherence, PSNR/SSIM) and the latent check's divergence at each K (for the guard, see
-:mod:`nirvana.guard`). A policy's false-hit rate and steps saved then follow from the records
+lost, adherence, PSNR/SSIM) and the latent check's divergence at each K (the guard probes an early
+K and resumes at a later one, see :mod:`nirvana.guard`). A policy's false-hit rate and steps saved then follow from the records
 without generating again (:mod:`nirvana_quality.policies`).
 
 The run is resumable: records are appended to a JSON Lines file chunk by chunk, and a run
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nirvana.guard import ResumeCheck
+from nirvana.guard import guidance_divergence
 from nirvana_quality import metrics, shapes
 from nirvana_quality.generators import Generator
 
@@ -61,11 +61,6 @@ class TailPair:
     target_example: shapes.Example
     changed: Tuple[str, ...] = ()
     similarity: float = 0.0
-
-    @property
-    def heldout(self) -> bool:
-        """Odd indices are held out: calibration uses the even ones only."""
-        return self.index % 2 == 1
 
 
 def _edited(seed: int, index: int, base: shapes.Example, change: Dict[str, str]) -> shapes.Example:
@@ -166,12 +161,15 @@ def measure_chunk(generator: Generator, scorer, pairs: Sequence[TailPair], ks: S
     _, ref_preds = scorer.read(reference.images)
     ref_adherence = scorer.adherence(reference.images, examples)
     jobs = [(k, i) for k in ks for i in range(len(pairs))]
-    noise = torch.zeros(generator.latent_shape)
-    checks = [ResumeCheck(sources.directions[i].get(k), math.inf, 0, noise) for k, i in jobs]
     resumed = generator.generate([pairs[i].target for _, i in jobs], [pairs[i].seed for _, i in jobs], steps,
                                  guidance_scale, start_step=[k for k, _ in jobs],
                                  start_latents=[sources.checkpoints[i][k] for k, i in jobs],
-                                 batch_size=batch_size, checks=checks)
+                                 batch_size=batch_size)
+    # The latent check's divergence of x_K: the target's first call at x_K against the source's
+    # direction there (what a probe of x_K measures, see nirvana.guard).
+    divergences = [None if resumed.first_directions[n] is None or k not in sources.directions[i] else
+                   guidance_divergence(resumed.first_directions[n], sources.directions[i][k])
+                   for n, (k, i) in enumerate(jobs)]
     _, preds = scorer.read(resumed.images)
     adherence = scorer.adherence(resumed.images, [examples[i] for _, i in jobs])
     ref_images = np.stack([reference.images[i] for _, i in jobs])
@@ -187,11 +185,11 @@ def measure_chunk(generator: Generator, scorer, pairs: Sequence[TailPair], ks: S
             lost = [name for name in examples[i].mentioned
                     if ref_preds[name][i] == labels[name] and preds[name][n] != labels[name]]
             by_k[str(k)] = {"lost": lost, "adherence": float(adherence[n]), "psnr_db": float(psnr[n]),
-                            "ssim": float(ssim[n]), "divergence": _finite(resumed.verdicts[n].divergence)}
+                            "ssim": float(ssim[n]), "divergence": _finite(divergences[n])}
         records.append({"version": RECORD_VERSION, "index": pair.index, "kind": pair.kind, "changed": list(pair.changed),
                         "source": pair.source, "target": pair.target, "similarity": pair.similarity,
                         "seed": pair.seed, "target_example": pair.target_example.to_json(),
-                        "heldout": pair.heldout, "steps": steps, "guidance_scale": guidance_scale,
+                        "steps": steps, "guidance_scale": guidance_scale,
                         "reference_adherence": float(ref_adherence[i]), "k": by_k})
     return records
 

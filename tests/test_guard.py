@@ -48,9 +48,14 @@ def test_divergence_is_relative_to_the_cached_direction():
     assert guidance_divergence(cached, torch.zeros(4, 8, 8)) == math.inf  # degenerate: never passes
 
 
+def check_for(direction, bound, probe_step=4, probe_latents=None, uncond=None, fallback_step=0, noise=None):
+    return ResumeCheck(probe_step, torch.zeros(4, 8, 8) if probe_latents is None else probe_latents, direction,
+                       uncond, bound, fallback_step, torch.zeros(4, 8, 8) if noise is None else noise)
+
+
 def test_judge_passes_within_the_bound_and_downgrades_beyond_or_unguided():
     cached = torch.ones(4, 8, 8)
-    check = ResumeCheck(cached, 0.3, 0, torch.zeros(4, 8, 8))
+    check = check_for(cached, 0.3)
     assert judge(check, cached * 1.2, 10).outcome == PASSED
     verdict = judge(check, cached * 2.0, 10)
     assert (verdict.outcome, verdict.reason, verdict.checked_step) == (DOWNGRADED, DIVERGENCE, 10)
@@ -64,61 +69,79 @@ def test_judge_passes_within_the_bound_and_downgrades_beyond_or_unguided():
 
 # -- the latent check in the step loop --------------------------------------------------------------
 
-def test_a_source_keeps_its_guidance_direction_at_every_save_step(loop):
+def test_a_source_keeps_direction_and_unconditional_prediction_at_every_save_step(loop):
     source = loop.run([job(1)])[0]
-    assert sorted(source.directions) == [4, 8, 12] == sorted(source.checkpoints)
+    assert sorted(source.directions) == [4, 8, 12] == sorted(source.checkpoints) == sorted(source.unconds)
     # Without guidance there is no unconditional branch, so no direction.
     assert loop.run([job(1, guidance=1.0)])[0].directions == {}
 
 
-def test_the_same_prompt_passes_and_resumes_exactly_as_unchecked(loop):
+def probe_of(source, step=4, bound=0.05, fallback_step=0, noise=None, stored_uncond=True):
+    return check_for(source.directions[step], bound, step, source.checkpoints[step],
+                     source.unconds[step] if stored_uncond else None, fallback_step, noise)
+
+
+def test_the_same_prompt_passes_the_probe_and_resumes_exactly_as_unchecked(loop):
     source = loop.run([job(1)])[0]
-    check = ResumeCheck(source.directions[8], 0.05, 0, job(1).latents)
-    checked = loop.run([job(1, start=8, latents=source.checkpoints[8], check=check)])[0]
-    unchecked = loop.run([job(1, start=8, latents=source.checkpoints[8])])[0]
-    assert checked.verdict.outcome == PASSED and checked.verdict.divergence < 1e-5
-    assert checked.start_step == 8 and checked.steps_run == STEPS - 8
-    assert torch.equal(checked.latents, unchecked.latents)
+    checked = loop.run([job(1, start=12, latents=source.checkpoints[12], check=probe_of(source))])[0]
+    unchecked = loop.run([job(1, start=12, latents=source.checkpoints[12])])[0]
+    assert checked.verdict.outcome == PASSED and checked.verdict.divergence < 1e-3  # batch-size rounding
+    assert checked.verdict.checked_step == 12 and checked.start_step == 12
+    assert checked.steps_run == STEPS - 12 + 1 and checked.discarded_rows == 1  # the probe: one conditional row
+    assert torch.max(torch.abs(checked.latents - unchecked.latents)) <= 1e-4
     assert torch.max(torch.abs(checked.latents - source.latents)) <= 1e-4
+    # Without the cached unconditional prediction the probe computes it: two rows.
+    computed = loop.run([job(1, start=12, latents=source.checkpoints[12],
+                             check=probe_of(source, stored_uncond=False))])[0]
+    assert computed.verdict.outcome == PASSED and computed.discarded_rows == 2
 
 
-def test_another_prompt_past_the_bound_restarts_from_the_fallback_state(loop):
+def test_another_prompt_past_the_bound_goes_on_from_the_probe(loop):
     source = loop.run([job(1)])[0]
-    check = ResumeCheck(source.directions[12], 0.0, 4, source.checkpoints[4])
-    downgraded = loop.run([job(2, start=12, latents=source.checkpoints[12], check=check)])[0]
+    downgraded = loop.run([job(2, start=12, latents=source.checkpoints[12],
+                               check=probe_of(source, bound=0.0, fallback_step=4))])[0]
     assert downgraded.verdict.outcome == DOWNGRADED and downgraded.verdict.reason == DIVERGENCE
     assert downgraded.verdict.divergence > 0 and downgraded.verdict.checked_step == 12
-    assert downgraded.start_step == 4
-    assert downgraded.steps_run == STEPS - 4 + 1  # the discarded call counts
-    from_fallback = loop.run([job(2, start=4, latents=source.checkpoints[4])])[0]
-    assert torch.equal(downgraded.latents, from_fallback.latents)
-    # Every state after the fallback is kept again, with its direction, for admission.
+    assert downgraded.start_step == 4 and downgraded.discarded_rows == 0  # the probe's prediction is used
+    assert downgraded.steps_run == STEPS - 4
+    from_probe = loop.run([job(2, start=4, latents=source.checkpoints[4])])[0]
+    assert torch.max(torch.abs(downgraded.latents - from_probe.latents)) <= 1e-4  # cached vs computed uncond
+    # Every state after where it went on from is kept again for admission.
     assert sorted(downgraded.checkpoints) == [8, 12] == sorted(downgraded.directions)
 
 
 def test_a_fallback_to_step_zero_is_the_requests_own_generation(loop):
     source = loop.run([job(1)])[0]
     own_noise = job(2).latents
-    check = ResumeCheck(source.directions[8], 0.0, 0, own_noise)
-    downgraded = loop.run([job(2, start=8, latents=source.checkpoints[8], check=check)])[0]
+    downgraded = loop.run([job(2, start=12, latents=source.checkpoints[12],
+                               check=probe_of(source, bound=0.0, noise=own_noise))])[0]
     fresh = loop.run([job(2)])[0]
-    assert downgraded.start_step == 0 and downgraded.steps_run == STEPS + 1
-    assert torch.equal(downgraded.latents, fresh.latents)
+    assert downgraded.start_step == 0 and downgraded.steps_run == STEPS + 1 and downgraded.discarded_rows == 1
+    assert torch.max(torch.abs(downgraded.latents - fresh.latents)) <= 1e-4
 
 
-def test_an_unguided_resume_is_downgraded(loop):
+def test_an_unguided_request_is_checked_with_the_cached_unconditional_prediction(loop):
     source = loop.run([job(1)])[0]
-    check = ResumeCheck(source.directions[8], 10.0, 0, job(2).latents)
-    result = loop.run([job(2, start=8, latents=source.checkpoints[8], check=check, guidance=1.0)])[0]
-    assert (result.verdict.outcome, result.verdict.reason, result.start_step) == (DOWNGRADED, UNGUIDED, 0)
+    same = loop.run([job(1, start=12, latents=source.checkpoints[12], check=probe_of(source), guidance=1.0)])[0]
+    assert same.verdict.outcome == PASSED
+    blind = loop.run([job(2, start=12, latents=source.checkpoints[12], guidance=1.0,
+                          check=probe_of(source, bound=10.0, stored_uncond=False, noise=job(2).latents))])[0]
+    assert (blind.verdict.outcome, blind.verdict.reason, blind.start_step) == (DOWNGRADED, UNGUIDED, 0)
+
+
+def test_bad_checks_are_refused(loop):
+    source = loop.run([job(1)])[0]
+    with pytest.raises(ValueError, match="probe_step"):
+        loop.run([job(1, start=4, latents=source.checkpoints[4], check=probe_of(source, step=4))])
+    with pytest.raises(ValueError, match="fallback_step"):
+        loop.run([job(1, start=12, latents=source.checkpoints[12], check=probe_of(source, fallback_step=8))])
 
 
 def test_decisions_depend_on_the_row_alone_batched_equals_single(loop):
     source = loop.run([job(1)])[0]
-    passing = lambda: job(1, start=8, latents=source.checkpoints[8],  # noqa: E731
-                          check=ResumeCheck(source.directions[8], 0.05, 0, job(1).latents))
+    passing = lambda: job(1, start=12, latents=source.checkpoints[12], check=probe_of(source))  # noqa: E731
     failing = lambda: job(2, start=12, latents=source.checkpoints[12],  # noqa: E731
-                          check=ResumeCheck(source.directions[12], 0.0, 4, source.checkpoints[4]))
+                          check=probe_of(source, bound=0.0, fallback_step=4))
     together = loop.run([passing(), failing(), job(3)])
     alone = [loop.run([j])[0] for j in (passing(), failing(), job(3))]
     for a, b in zip(together, alone):
@@ -126,7 +149,7 @@ def test_decisions_depend_on_the_row_alone_batched_equals_single(loop):
         assert torch.max(torch.abs(a.latents - b.latents)) <= 1e-4  # as test_unet_loop: batch-size rounding
 
 
-# -- the cache's side: directions stored, bound and fallback handed out ------------------------------
+# -- the cache's side: probe states stored, bound and fallback handed out ----------------------------
 
 DIM = 16
 SHAPE = (4, 8, 8)
@@ -137,54 +160,62 @@ def unit(seed):
     return v / np.linalg.norm(v)
 
 
-def key(prompt="p", seed=1):
-    return CacheKey(prompt, "", seed, 50, 7.5)
+def key(prompt="p", seed=1, negative=""):
+    return CacheKey(prompt, negative, seed, 50, 7.5)
 
 
-POLICY = GuardPolicy(bounds={10: 0.4, 25: 0.3}, fallback_max_k=10, unchecked_max_k=5)
+POLICY = GuardPolicy(bounds={10: 0.4, 25: 0.3}, probe_k=5, fallback="probe", unchecked_max_k=5)
 CONFIG = CacheConfig(cache_steps=(5, 10, 25), thresholds=((0.9, 25), (0.5, 10)))
 
 
-def admit_source(cache, with_directions=True):
+def admit_source(cache, with_guides=True):
     states = {k: torch.full(SHAPE, float(k)) for k in (5, 10, 25)}
-    directions = {k: torch.full(SHAPE, -float(k)) for k in (5, 10, 25)} if with_directions else None
-    cache.admit(unit(0), key("source"), states, final_latents=torch.zeros(SHAPE), directions=directions)
+    guides = {k: (torch.full(SHAPE, -float(k)), torch.full(SHAPE, 0.5)) for k in (5, 10, 25)} if with_guides else None
+    cache.admit(unit(0), key("source"), states, final_latents=torch.zeros(SHAPE), directions=guides)
 
 
-def test_a_checked_hit_carries_the_direction_the_bound_and_the_fallback():
+def test_a_checked_hit_carries_the_probe_the_bound_and_the_fallback():
     cache = LatentCache(CONFIG, DIM, guard=POLICY)
     admit_source(cache)
     hit = cache.lookup(unit(0), key("target"))
-    assert (hit.status, hit.start_step) == ("approximate", 25)
-    assert torch.all(hit.latents == 25) and torch.all(hit.direction == -25)
-    assert hit.guard_bound == 0.3
-    assert hit.fallback_step == 10 and torch.all(hit.fallback_latents == 10)
-    assert hit.save_steps == (25,)  # everything after the fallback: a downgrade admits 25 again
-    # Without a guard the same state is served unchecked, latents only.
+    assert (hit.status, hit.start_step) == ("approximate", 25) and torch.all(hit.latents == 25)
+    assert hit.guard_bound == 0.3 and hit.probe_step == 5 and torch.all(hit.probe_latents == 5)
+    assert torch.all(hit.direction == -5) and torch.all(hit.uncond == 0.5)
+    assert hit.fallback_step == 5 and hit.save_steps == (10, 25)  # a downgrade admits 10 and 25 again
+    # Only the probe step keeps its guides: the others are stored as latents alone.
+    assert len(cache.store.get((1, 5))) == 3 and cache.store.get((1, 25)).shape == SHAPE
+    # Another negative prompt: the cached unconditional prediction is not the request's.
+    assert cache.lookup(unit(0), key("target", negative="blurry")).uncond is None
+    # Without a guard the same state is served unchecked.
     plain = LatentCache(CONFIG, DIM)
     admit_source(plain)
     unchecked = plain.lookup(unit(0), key("target"))
     assert unchecked.start_step == 25 and unchecked.guard_bound is None and unchecked.latents.shape == SHAPE
 
 
-def test_states_without_a_direction_serve_only_up_to_the_unchecked_limit():
-    cache = LatentCache(CONFIG, DIM, guard=POLICY)
-    admit_source(cache, with_directions=False)  # e.g. restored from a cache written before the guard
-    hit = cache.lookup(unit(0), key("target"))
-    assert (hit.status, hit.start_step, hit.guard_bound) == ("approximate", 5, None)
-    # ... and with no unchecked K allowed, not at all (the exact hit still works).
-    strict = LatentCache(CONFIG, DIM, guard=GuardPolicy(bounds={10: 0.4, 25: 0.3}))
-    admit_source(strict, with_directions=False)
-    assert strict.lookup(unit(0), key("target")).status == "miss"
-    assert strict.lookup(unit(0), key("source")).status == "exact"
-
-
-def test_no_fallback_state_means_the_requests_own_noise():
-    cache = LatentCache(CONFIG, DIM, guard=GuardPolicy(bounds={10: 0.4, 25: 0.3}, fallback_max_k=0))
+def test_a_hit_at_or_below_the_unchecked_k_is_not_probed():
+    cache = LatentCache(CacheConfig(cache_steps=(5, 10, 25), thresholds=((0.5, 5),)), DIM, guard=POLICY)
     admit_source(cache)
     hit = cache.lookup(unit(0), key("target"))
-    assert hit.guard_bound == 0.3 and hit.fallback_step == 0 and hit.fallback_latents is None
-    assert hit.save_steps == (5, 10, 25)
+    assert (hit.start_step, hit.guard_bound) == (5, None)
+
+
+def test_without_a_probe_state_a_hit_serves_only_up_to_the_unchecked_k():
+    cache = LatentCache(CONFIG, DIM, guard=POLICY)
+    admit_source(cache, with_guides=False)  # e.g. restored from a cache written before the guard
+    hit = cache.lookup(unit(0), key("target"))
+    assert (hit.status, hit.start_step, hit.guard_bound) == ("approximate", 5, None)
+    strict = LatentCache(CONFIG, DIM, guard=GuardPolicy(bounds={10: 0.4, 25: 0.3}, unchecked_max_k=0))
+    admit_source(strict, with_guides=False)
+    assert strict.lookup(unit(0), key("target")).status == "miss"
+    assert strict.lookup(unit(0), key("source")).status == "exact"  # exact hits are never checked
+
+
+def test_a_noise_fallback_keeps_every_state_again():
+    cache = LatentCache(CONFIG, DIM, guard=GuardPolicy(bounds={10: 0.4, 25: 0.3}, fallback="noise"))
+    admit_source(cache)
+    hit = cache.lookup(unit(0), key("target"))
+    assert hit.guard_bound == 0.3 and hit.fallback_step == 0 and hit.save_steps == (5, 10, 25)
 
 
 # -- calibration: which thresholds and bounds apply ------------------------------------------------
@@ -194,8 +225,8 @@ def spec_with(guard):
 
 
 GUARD_DATA = {"targets": {
-    "0.01": {"thresholds": [[0.95, 25]], "guard": {"bounds": {"25": 0.2}, "fallback_max_k": 0, "unchecked_max_k": 0}},
-    "0.05": {"thresholds": [[0.8, 40]], "guard": {"bounds": {"40": 0.5}, "fallback_max_k": 5, "unchecked_max_k": 0}}}}
+    "0.01": {"thresholds": [[0.95, 25]], "guard": {"bounds": {"25": 0.2}, "probe_k": 5, "fallback": "noise"}},
+    "0.05": {"thresholds": [[0.8, 40]], "guard": {"bounds": {"40": 0.5}, "probe_k": 10, "fallback": "probe"}}}}
 
 
 def test_the_operator_target_picks_the_loosest_calibration_that_meets_it():
@@ -203,6 +234,8 @@ def test_the_operator_target_picks_the_loosest_calibration_that_meets_it():
     assert calibration_for(spec, CacheConfig(false_hit_target=0.02)).target == 0.01
     chosen = calibration_for(spec, CacheConfig(false_hit_target=0.05))
     assert chosen.thresholds == ((0.8, 40),) and chosen.policy.bounds == {40: 0.5}
+    assert (chosen.policy.probe_k, chosen.policy.fallback) == (10, "probe")
+    assert GuardPolicy.from_dict(chosen.policy.as_dict()) == chosen.policy
     assert calibration_for(spec, CacheConfig(false_hit_target=0.005)) is None
     assert policy_for(spec, CacheConfig(false_hit_target=0.005)) == CONSERVATIVE
     assert policy_for(spec, CacheConfig(guard="off")) is None
@@ -250,20 +283,26 @@ def test_unet_loop_rejects_a_partial_or_inconsistent_check(repository):
     step = UNetLoopStep(repository / "unet_loop" / "1", UNetLoopConfig(batching="execute"))
     spec = step.spec
     shape = spec.latent_shape
+    tensor = lambda value=0.0: np.full((1, *shape), value, np.float32)  # noqa: E731
     inputs = {"HIDDEN_STATES": np.zeros((1, spec.max_length, spec.hidden_dim), np.float32),
               "NEGATIVE_HIDDEN_STATES": np.zeros((1, spec.max_length, spec.hidden_dim), np.float32),
-              "LATENTS": np.zeros((1, *shape), np.float32), "START_STEP": np.array([[10]], np.int32),
+              "LATENTS": tensor(), "START_STEP": np.array([[10]], np.int32),
               "STEPS": np.array([[20]], np.int32), "GUIDANCE_SCALE": np.array([[7.5]], np.float32),
               "SAVE_STEPS": np.array([[5, 10, 15]], np.int32), "DEADLINE_NS": None,
-              "FALLBACK_LATENTS": np.zeros((1, *shape), np.float32), "FALLBACK_STEP": np.array([[0]], np.int32),
-              "GUIDE_DIRECTION": np.ones((1, *shape), np.float32), "GUARD_BOUND": np.array([[0.3]], np.float32)}
-    assert step.jobs_for(inputs)[0].check.bound == pytest.approx(0.3)
+              "PROBE_LATENTS": tensor(), "PROBE_STEP": np.array([[2]], np.int32), "PROBE_DIRECTION": tensor(1.0),
+              "PROBE_UNCOND": tensor(), "GUARD_BOUND": np.array([[0.3]], np.float32),
+              "FALLBACK_LATENTS": tensor(), "FALLBACK_STEP": np.array([[0]], np.int32)}
+    check = step.jobs_for(inputs)[0].check
+    assert check.bound == pytest.approx(0.3) and check.probe_step == 2 and check.uncond is None  # zeros: compute
     with pytest.raises(rq.InvalidInput, match="GUARD_BOUND"):
         step.jobs_for({**inputs, "GUARD_BOUND": None})
+    with pytest.raises(rq.InvalidInput, match="PROBE_STEP"):
+        step.jobs_for({**inputs, "PROBE_STEP": np.array([[10]], np.int32)})
     with pytest.raises(rq.InvalidInput, match="FALLBACK_STEP"):
-        step.jobs_for({**inputs, "FALLBACK_STEP": np.array([[10]], np.int32)})
-    with pytest.raises(rq.InvalidInput, match="GUIDE_DIRECTION"):
-        step.jobs_for({**inputs, "GUIDE_DIRECTION": np.ones((1, 2, 2, 2), np.float32)})
+        step.jobs_for({**inputs, "FALLBACK_STEP": np.array([[5]], np.int32)})
+    with pytest.raises(rq.InvalidInput, match="PROBE_DIRECTION"):
+        step.jobs_for({**inputs, "PROBE_DIRECTION": np.ones((1, 2, 2, 2), np.float32)})
     assert step.jobs_for({**inputs, "GUARD_BOUND": np.array([[-1.0]], np.float32)})[0].check is None
     out = step.execute([inputs])[0]
     assert out["START_STEP_USED"][0, 0] in (0, 10) and out["GUARD"][0, 0] in (b"passed", b"downgraded:divergence")
+    assert out["CHECKPOINT_GUIDES"].shape == (1, 3, 2, *shape)

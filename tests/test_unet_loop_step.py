@@ -66,7 +66,7 @@ def test_step_and_execute_batching_give_the_same_outputs(steps):
         step_mode.submit(inputs, responder)
     for want, responder in zip(expected, responders):
         got = responder.wait()
-        assert set(got) == {"FINAL_LATENTS", "CHECKPOINTS", "CHECKPOINT_STEPS", "CHECKPOINT_DIRECTIONS", "COALESCED",
+        assert set(got) == {"FINAL_LATENTS", "CHECKPOINTS", "CHECKPOINT_STEPS", "CHECKPOINT_GUIDES", "COALESCED",
                             "START_STEP_USED", "GUARD"}
         np.testing.assert_allclose(got["FINAL_LATENTS"], want["FINAL_LATENTS"], atol=1e-4)
         assert got["CHECKPOINT_STEPS"].tolist() == [[2, 4, 0]] == want["CHECKPOINT_STEPS"].tolist()

@@ -52,6 +52,12 @@ class CacheCounters:
     guard_fallbacks: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # by reason
 
 
+# The lookup's outputs for the resume guard's latent check in unet_loop (see nirvana.guard):
+# PROBE_UNCOND all zeros means "not cached: compute it".
+PROBE_OUTPUTS = ("PROBE_LATENTS", "PROBE_STEP", "PROBE_DIRECTION", "PROBE_UNCOND", "GUARD_BOUND",
+                 "FALLBACK_LATENTS", "FALLBACK_STEP")
+
+
 class CacheLookup:
     """Where each request starts: an exact hit, a cached state at step K, or its own noise."""
 
@@ -61,7 +67,8 @@ class CacheLookup:
     def __call__(self, embeddings: np.ndarray, keys: List[CacheKey], enabled: np.ndarray) -> Dict[str, np.ndarray]:
         width = len(self.cache.config.cache_steps)
         latents, start, sims, status, matched = [], [], [], [], []
-        fallbacks, fallback_steps, directions, bounds = [], [], [], []
+        check: Dict[str, list] = {name: [] for name in PROBE_OUTPUTS}
+        zeros = np.zeros(self.spec.latent_shape, np.float32)
         save = np.zeros((len(keys), width), dtype=np.int32)
         for i, key in enumerate(keys):
             began = time.perf_counter()
@@ -72,18 +79,19 @@ class CacheLookup:
                 result = LookupResult(DISABLED, 0, 0.0, None, "", ())
             self._count(key, result, time.perf_counter() - began)
             noise = None
-            if result.latents is None or result.guard_bound is not None and result.fallback_latents is None:
+            if result.latents is None or result.guard_bound is not None:
                 generator = torch.Generator().manual_seed(key.seed)
                 noise = torch.randn(self.spec.latent_shape, generator=generator, dtype=torch.float32)
             latents.append(_array(result.latents if result.latents is not None else noise))
-            # The latent check's inputs (unet_loop): the fallback start, the cached direction, the
-            # bound (< 0: no check).
-            fallbacks.append(_array(result.fallback_latents if result.fallback_latents is not None else
-                                    noise if noise is not None else torch.zeros(self.spec.latent_shape)))
-            fallback_steps.append(result.fallback_step)
-            directions.append(_array(result.direction) if result.direction is not None
-                              else np.zeros(self.spec.latent_shape, np.float32))
-            bounds.append(-1.0 if result.guard_bound is None else result.guard_bound)
+            # The latent check's inputs (unet_loop); GUARD_BOUND < 0: no check, the rest unused.
+            checked = result.guard_bound is not None
+            check["GUARD_BOUND"].append(result.guard_bound if checked else -1.0)
+            check["PROBE_STEP"].append(result.probe_step)
+            check["PROBE_LATENTS"].append(_array(result.probe_latents) if checked else zeros)
+            check["PROBE_DIRECTION"].append(_array(result.direction) if checked else zeros)
+            check["PROBE_UNCOND"].append(_array(result.uncond) if result.uncond is not None else zeros)
+            check["FALLBACK_STEP"].append(result.fallback_step)
+            check["FALLBACK_LATENTS"].append(_array(noise) if checked else zeros)
             start.append(result.start_step)
             sims.append(result.similarity)
             status.append(result.status)
@@ -91,11 +99,13 @@ class CacheLookup:
             save[i, :len(result.save_steps)] = result.save_steps
         rows = len(keys)
         column = lambda values, dtype: np.array(values, dtype).reshape(rows, 1)  # noqa: E731
-        return {"LATENTS": np.stack(latents), "START_STEP_OUT": column(start, np.int32),
-                "SIMILARITY": column(sims, np.float32), "CACHE_STATUS": bytes_column(status),
-                "MATCHED_PROMPT": bytes_column(matched), "SAVE_STEPS": save,
-                "FALLBACK_LATENTS": np.stack(fallbacks), "FALLBACK_STEP": column(fallback_steps, np.int32),
-                "GUIDE_DIRECTION": np.stack(directions), "GUARD_BOUND": column(bounds, np.float32)}
+        out = {"LATENTS": np.stack(latents), "START_STEP_OUT": column(start, np.int32),
+               "SIMILARITY": column(sims, np.float32), "CACHE_STATUS": bytes_column(status),
+               "MATCHED_PROMPT": bytes_column(matched), "SAVE_STEPS": save}
+        for name, values in check.items():
+            out[name] = (column(values, np.int32) if name.endswith("_STEP") else
+                         column(values, np.float32) if name == "GUARD_BOUND" else np.stack(values))
+        return out
 
     def _count(self, key: CacheKey, result: LookupResult, seconds: float) -> None:
         c = self.counters
@@ -123,7 +133,7 @@ class CacheAdmission:
     def __call__(self, inputs, embeddings: np.ndarray, keys: List[CacheKey], enabled: np.ndarray) -> Dict[str, np.ndarray]:
         steps_in, states = inputs["CHECKPOINT_STEPS"], inputs["CHECKPOINTS"]
         final, start = inputs["FINAL_LATENTS"], inputs["START_STEP"]
-        directions = inputs.get("CHECKPOINT_DIRECTIONS")
+        guides = inputs.get("CHECKPOINT_GUIDES")  # [rows, width, 2, C, H, W]: direction, unconditional
         if states is None:
             raise rq.InvalidInput("CHECKPOINTS", "is required with CHECKPOINT_STEPS")
         if final is None:
@@ -147,14 +157,14 @@ class CacheAdmission:
                 continue  # exact hit: nothing new to store
             checkpoints = {int(k): torch.from_numpy(np.array(states[i, j]))
                            for j, k in enumerate(steps_in[i]) if int(k) > 0}
-            guides = {} if directions is None else {
-                int(k): torch.from_numpy(np.array(directions[i, j]))
-                for j, k in enumerate(steps_in[i]) if int(k) > 0 and np.any(directions[i, j])}
+            guide = {} if guides is None else {
+                int(k): (torch.from_numpy(np.array(guides[i, j, 0])), torch.from_numpy(np.array(guides[i, j, 1])))
+                for j, k in enumerate(steps_in[i]) if int(k) > 0 and np.any(guides[i, j])}
             final_i = torch.from_numpy(np.array(final[i]))
             with self.lock:
                 # START_STEP is where the row actually started (after a guard downgrade, its fallback).
                 admitted[i, 0] = self.cache.admit(embeddings[i], key, checkpoints, final_i, was_hit=bool(starts[i] > 0),
-                                                  directions=guides)
+                                                  directions=guide)
         if admitted.any() and self.persistence is not None:
             self.persistence.sync()  # appendfsync=always: acknowledged only once on disk
         # The final latents pass through to the VAE, so admission runs whenever IMAGE is asked for.
@@ -267,7 +277,7 @@ class CacheStep:
 
     INPUTS = ("POOLED_EMBEDDING", "PROMPT", "NEGATIVE_PROMPT", "SEED", "STEPS", "GUIDANCE_SCALE", "TENANT",
               "CACHE", "START_STEP", "CHECKPOINTS", "CHECKPOINT_STEPS", "FINAL_LATENTS", "COMMAND", "COALESCED",
-              "CHECKPOINT_DIRECTIONS", "GUARD")
+              "CHECKPOINT_GUIDES", "GUARD")
     WANTS_PARAMETERS = True  # admin requests carry the key as a (forwarded header) request parameter
 
     def __init__(self, directory: Path, config: CacheConfig, device: Optional[torch.device] = None,

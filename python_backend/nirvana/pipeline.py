@@ -186,11 +186,13 @@ class UNetLoopStep:
     """
 
     INPUTS = ("HIDDEN_STATES", "NEGATIVE_HIDDEN_STATES", "LATENTS", "START_STEP", "STEPS",
-              "GUIDANCE_SCALE", "SAVE_STEPS", "DEADLINE_NS", "FALLBACK_LATENTS", "FALLBACK_STEP",
-              "GUIDE_DIRECTION", "GUARD_BOUND")
+              "GUIDANCE_SCALE", "SAVE_STEPS", "DEADLINE_NS", "PROBE_LATENTS", "PROBE_STEP", "PROBE_DIRECTION",
+              "PROBE_UNCOND", "GUARD_BOUND", "FALLBACK_LATENTS", "FALLBACK_STEP")
     REQUIRED = INPUTS[:7]
-    # The resume guard's latent check (from the cache lookup): all four or none.
+    # The resume guard's latent check (from the cache lookup, nirvana.cache_step.PROBE_OUTPUTS): all or none.
     CHECK_INPUTS = INPUTS[8:]
+    STEP_INPUTS = ("PROBE_STEP", "FALLBACK_STEP", "GUARD_BOUND")  # one number per row
+    TENSOR_INPUTS = ("PROBE_LATENTS", "PROBE_DIRECTION", "PROBE_UNCOND", "FALLBACK_LATENTS")
 
     def __init__(self, directory: Path, config: UNetLoopConfig,
                  on_engine_tick: Optional[Callable[[StepEngine], None]] = None,
@@ -276,20 +278,21 @@ class UNetLoopStep:
         width = inputs["SAVE_STEPS"].shape[1]
         shape = self.spec.latent_shape
         checkpoints = np.zeros((len(done), width, *shape), dtype=np.float32)
-        directions = np.zeros((len(done), width, *shape), dtype=np.float32)  # zeros: none (unguided)
+        guides = np.zeros((len(done), width, 2, *shape), dtype=np.float32)  # zeros: none (unguided)
         steps = np.zeros((len(done), width), dtype=np.int32)
         for i, res in enumerate(done):
             for j, (k, state) in enumerate(sorted(res.checkpoints.items())):
                 checkpoints[i, j] = state.cpu().numpy()
                 if k in res.directions:
-                    directions[i, j] = res.directions[k].cpu().numpy()
+                    guides[i, j, 0] = res.directions[k].cpu().numpy()
+                    guides[i, j, 1] = res.unconds[k].cpu().numpy()
                 steps[i, j] = k
         rows = len(done)
         # An exact hit (nothing run) keeps its START_STEP; a row the guard downgraded reports its fallback.
         started = [res.start_step if res.steps_run else int(s)
                    for res, s in zip(done, inputs["START_STEP"].reshape(-1))]
         return {"FINAL_LATENTS": np.stack([res.latents.cpu().numpy() for res in done]),
-                "CHECKPOINTS": checkpoints, "CHECKPOINT_STEPS": steps, "CHECKPOINT_DIRECTIONS": directions,
+                "CHECKPOINTS": checkpoints, "CHECKPOINT_STEPS": steps, "CHECKPOINT_GUIDES": guides,
                 "COALESCED": np.array(coalesced, dtype=bool).reshape(rows, 1),
                 "START_STEP_USED": np.array(started, dtype=np.int32).reshape(rows, 1),
                 "GUARD": bytes_column([format_verdict(res.verdict) for res in done])}
@@ -321,16 +324,8 @@ class UNetLoopStep:
             save = tuple(int(k) for k in inputs["SAVE_STEPS"][i] if 0 < int(k) < int(steps[i])) \
                 if self.resumes_from_cache else ()
             latents, hidden, negative = (inputs[n][i] for n in ("LATENTS", "HIDDEN_STATES", "NEGATIVE_HIDDEN_STATES"))
-            check = None
-            if checks is not None and checks["GUARD_BOUND"][i] >= 0 and 0 < int(start[i]) < int(steps[i]):
-                fallback_step = int(checks["FALLBACK_STEP"][i])
-                if not 0 <= fallback_step < int(start[i]):
-                    raise rq.InvalidInput("FALLBACK_STEP", f"{fallback_step} is outside 0..START_STEP-1 "
-                                                           f"({int(start[i]) - 1})")
-                check = ResumeCheck(as_tensor(checks["GUIDE_DIRECTION"][i]), float(checks["GUARD_BOUND"][i]),
-                                    fallback_step, as_tensor(checks["FALLBACK_LATENTS"][i]))
-            guard_part = () if check is None else (checks["GUIDE_DIRECTION"][i], float(checks["GUARD_BOUND"][i]),
-                                                   int(checks["FALLBACK_STEP"][i]), checks["FALLBACK_LATENTS"][i])
+            check = self._check_for(checks, i, int(start[i]), int(steps[i]), as_tensor) if checks else None
+            guard_part = () if check is None else tuple(checks[name][i] for name in self.CHECK_INPUTS)
             jobs.append(DenoiseJob(
                 latents=as_tensor(latents), prompt_embeds=as_tensor(hidden), negative_embeds=as_tensor(negative),
                 start_step=int(start[i]), steps=int(steps[i]), guidance_scale=float(guidance[i]),
@@ -340,7 +335,7 @@ class UNetLoopStep:
         return jobs
 
     def _check_inputs(self, inputs, rows: int) -> Optional[Dict[str, np.ndarray]]:
-        """The latent check's four inputs, validated, or None when the request sends none."""
+        """The latent check's inputs, validated, or None when the request sends none."""
         sent = [name for name in self.CHECK_INPUTS if inputs.get(name) is not None]
         if not sent:
             return None
@@ -352,11 +347,29 @@ class UNetLoopStep:
             value = inputs[name]
             if len(value) != rows:
                 raise rq.InvalidInput(name, f"has {len(value)} rows, LATENTS has {rows}")
-            out[name] = value.reshape(rows, -1)[:, 0] if name in ("FALLBACK_STEP", "GUARD_BOUND") else value
-        for name in ("FALLBACK_LATENTS", "GUIDE_DIRECTION"):
-            if out[name].shape[1:] != inputs["LATENTS"].shape[1:]:
-                raise rq.InvalidInput(name, f"has shape {list(out[name].shape[1:])} per row, LATENTS "
+            if name in self.STEP_INPUTS:
+                out[name] = value.reshape(rows, -1)[:, 0]
+            elif value.shape[1:] != inputs["LATENTS"].shape[1:]:
+                raise rq.InvalidInput(name, f"has shape {list(value.shape[1:])} per row, LATENTS "
                                             f"{list(inputs['LATENTS'].shape[1:])}")
+            else:
+                out[name] = value
         if np.any(np.isnan(out["GUARD_BOUND"])):
             raise rq.InvalidInput("GUARD_BOUND", "must be a number (< 0: no check)")
         return out
+
+    @staticmethod
+    def _check_for(checks: Dict[str, np.ndarray], i: int, start: int, steps: int,
+                   as_tensor) -> Optional[ResumeCheck]:
+        """Row ``i``'s latent check (None when GUARD_BOUND < 0 or the row does not resume)."""
+        if checks["GUARD_BOUND"][i] < 0 or not 0 < start < steps:
+            return None
+        probe, fallback = int(checks["PROBE_STEP"][i]), int(checks["FALLBACK_STEP"][i])
+        if not 0 < probe < start:
+            raise rq.InvalidInput("PROBE_STEP", f"{probe} is outside 1..START_STEP-1 ({start - 1})")
+        if fallback not in (0, probe):
+            raise rq.InvalidInput("FALLBACK_STEP", f"{fallback} is neither 0 nor PROBE_STEP ({probe})")
+        uncond = checks["PROBE_UNCOND"][i]
+        return ResumeCheck(probe, as_tensor(checks["PROBE_LATENTS"][i]), as_tensor(checks["PROBE_DIRECTION"][i]),
+                           as_tensor(uncond) if np.any(uncond) else None, float(checks["GUARD_BOUND"][i]),
+                           fallback, as_tensor(checks["FALLBACK_LATENTS"][i]))

@@ -6,11 +6,11 @@ requests still active, each at its own timestep (per-sample timesteps), with
 the unconditional and conditional branches in the same UNet batch. A request
 resuming from a cached step K simply has fewer ticks to go.
 
-Two things ride on UNet calls the loop makes anyway (see :mod:`nirvana.guard`): at every save
-step K the row's guidance direction at x_K (its next call's conditional minus unconditional
-prediction) is kept with the checkpoint, and a row resumed with a :class:`~nirvana.guard.ResumeCheck`
-compares its first call's direction with the cached one and, when the new prompt moves the state
-too far, discards that call and restarts from the check's fallback.
+The resume guard (see :mod:`nirvana.guard`) rides on this loop: at every save step K the row's
+guidance direction and unconditional prediction at x_K (its next call's) are kept with the
+checkpoint, and a row resumed with a :class:`~nirvana.guard.ResumeCheck` first *probes* the
+matched entry's early state (one conditional row when the cached unconditional prediction can
+stand in), then jumps to its start state or, downgraded, goes on from the probe or its own noise.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from nirvana.guard import DOWNGRADED, GuardVerdict, ResumeCheck, judge
+from nirvana.guard import PASSED, GuardVerdict, ResumeCheck, judge
 from nirvana.schedulers import capture_history, make_scheduler, restore_history
 
 # (sample [B,C,H,W], timestep [B] float32, encoder_hidden_states [B,L,D]) -> noise prediction [B,C,H,W]
@@ -68,9 +68,14 @@ class DenoiseResult:
         checkpoints: Step -> latents [C,H,W] after that step.
         histories: Step -> solver history [H,C,H,W] at that step (H = 0 for stateless schedulers).
         directions: Step -> guidance direction [C,H,W] at that checkpoint (guided rows only).
-        steps_run: UNet steps this job ran (a call the guard discarded included).
-        start_step: Where the row actually started: the job's start step, or the check's
-            fallback step after a downgrade.
+        unconds: Step -> unconditional prediction [C,H,W] at that checkpoint (guided rows only).
+        first_direction: The guidance direction of the row's first UNet call (at its starting
+            state, or its probe), guided rows only: what the quality harness compares.
+        steps_run: UNet calls this job took part in (its probe included).
+        discarded_rows: UNet batch rows whose prediction the guard discarded (a probe followed by a
+            jump or a restart: 1, or 2 when the unconditional row had to be computed too).
+        start_step: Where the row actually started: the job's start step, or after a downgrade the
+            probe step or 0.
         verdict: What the resume guard decided (outcome "" when the row had no check).
     """
 
@@ -78,7 +83,10 @@ class DenoiseResult:
     checkpoints: Dict[int, torch.Tensor] = field(default_factory=dict)
     histories: Dict[int, torch.Tensor] = field(default_factory=dict)
     directions: Dict[int, torch.Tensor] = field(default_factory=dict)
+    unconds: Dict[int, torch.Tensor] = field(default_factory=dict)
+    first_direction: Optional[torch.Tensor] = None
     steps_run: int = 0
+    discarded_rows: int = 0
     start_step: int = 0
     verdict: GuardVerdict = field(default_factory=GuardVerdict)
 
@@ -89,14 +97,23 @@ class _Active:
     def __init__(self, job: DenoiseJob, scheduler_name: str, scheduler_config: Mapping):
         if not 0 <= job.start_step <= job.steps:
             raise ValueError(f"start_step {job.start_step} outside 0..{job.steps}")
-        if job.check is not None and not 0 <= job.check.fallback_step <= job.start_step:
-            raise ValueError(f"fallback_step {job.check.fallback_step} outside 0..start_step {job.start_step}")
+        check = job.check
+        if check is not None:
+            if not 0 < check.probe_step < job.start_step:
+                raise ValueError(f"probe_step {check.probe_step} outside 1..start_step-1 ({job.start_step - 1})")
+            if check.fallback_step not in (0, check.probe_step):
+                raise ValueError(f"fallback_step {check.fallback_step} is neither 0 nor probe_step {check.probe_step}")
+            if check.fallback_step == 0 and check.fallback_latents is None:
+                raise ValueError("fallback_step 0 needs fallback_latents (the request's own noise)")
         self.job = job
         self.scheduler_name = scheduler_name
         self.scheduler_config = scheduler_config
         self.result = DenoiseResult(latents=job.latents, start_step=job.start_step)
-        self.pending_check = job.check is not None and job.start_step > 0
-        self._begin(job.start_step, job.latents, job.history)
+        self.probing = check is not None
+        if self.probing:
+            self._begin(check.probe_step, check.probe_latents, None)
+        else:
+            self._begin(job.start_step, job.latents, job.history)
 
     def _begin(self, start_step: int, latents: torch.Tensor, history: Optional[torch.Tensor]) -> None:
         """A fresh scheduler resuming after ``start_step`` steps from ``latents``."""
@@ -118,16 +135,26 @@ class _Active:
         self.step = start_step
         self.result.start_step = start_step
 
-    def settle_check(self, direction: Optional[torch.Tensor]) -> bool:
-        """Run the latent check on this row's first UNet call; True when it restarted the row
-        from the fallback (that call's prediction is then discarded)."""
-        self.pending_check = False
+    @property
+    def needs_uncond_row(self) -> bool:
+        """A guided row computes its unconditional prediction, except a probe whose cached one
+        stands in for it (same state, timestep and negative prompt: the same prediction)."""
+        return self.guided and not (self.probing and self.job.check.uncond is not None)
+
+    def settle_probe(self, direction: Optional[torch.Tensor], computed_rows: int) -> bool:
+        """Judge this row's probe; True when its prediction is discarded (the row jumped to its
+        start state, or restarted from its own noise), False when the row goes on from the probe."""
+        self.probing = False
         check = self.job.check
-        verdict = judge(check, direction, self.step)
+        verdict = judge(check, direction, self.job.start_step)
         self.result.verdict = verdict
-        if verdict.outcome != DOWNGRADED:
-            return False
-        self._begin(check.fallback_step, check.fallback_latents, None)
+        if verdict.outcome == PASSED:
+            self._begin(self.job.start_step, self.job.latents, self.job.history)
+        elif check.fallback_step == check.probe_step:
+            return False  # downgraded to the probed state: its prediction is this step's
+        else:
+            self._begin(0, check.fallback_latents, None)
+        self.result.discarded_rows += computed_rows
         return True
 
     @property
@@ -177,13 +204,15 @@ class StepRangeLoop:
         """One UNet call over every running job, each at its own timestep, then one scheduler step each."""
         scaled = [a.scheduler.scale_model_input(a.latents, a.timesteps[a.step]) for a in running]
         samples, timesteps, hidden = [], [], []
+        uncond_row: Dict[int, int] = {}  # index in running -> its unconditional row
         # Unconditional rows first, then conditional rows, like diffusers pipelines.
-        for a, x in zip(running, scaled):
-            if a.guided:
+        for i, (a, x) in enumerate(zip(running, scaled)):
+            if a.needs_uncond_row:
+                uncond_row[i] = len(samples)
                 samples.append(x)
                 timesteps.append(a.timesteps[a.step])
                 hidden.append(a.job.negative_embeds)
-        uncond_rows = len(samples)
+        cond_rows = len(samples)
         for a, x in zip(running, scaled):
             samples.append(x)
             timesteps.append(a.timesteps[a.step])
@@ -191,22 +220,24 @@ class StepRangeLoop:
         noise = self.unet(torch.cat(samples), torch.stack([torch.as_tensor(t, dtype=torch.float32)
                                                            for t in timesteps]), torch.stack(hidden))
         self.unet_calls += 1
-        uncond_index = 0
         for i, a in enumerate(running):
-            cond = noise[uncond_rows + i: uncond_rows + i + 1]
-            if a.guided:
-                uncond = noise[uncond_index: uncond_index + 1]
-                uncond_index += 1
-                guided = uncond + a.job.guidance_scale * (cond - uncond)
+            cond = noise[cond_rows + i: cond_rows + i + 1]
+            if i in uncond_row:
+                uncond = noise[uncond_row[i]: uncond_row[i] + 1]
+            elif a.probing and a.job.check.uncond is not None:
+                uncond = a.job.check.uncond.to(cond.dtype).unsqueeze(0)
             else:
                 uncond = None
-                guided = cond
-            a.result.steps_run += 1
+            guided = uncond + a.job.guidance_scale * (cond - uncond) if a.guided else cond
             direction = None if uncond is None else (cond - uncond)[0]
-            if a.pending_check and a.settle_check(direction):
-                continue  # downgraded: this call's prediction was for the cached state, not the fallback
-            if direction is not None and a.step in a.result.checkpoints:
+            if a.result.steps_run == 0 and direction is not None:
+                a.result.first_direction = direction.clone()
+            a.result.steps_run += 1
+            if a.probing and a.settle_probe(direction, 1 + (i in uncond_row)):
+                continue  # the probe's prediction was for another state than the one the row goes on from
+            if a.step in a.result.checkpoints and a.guided:
                 a.result.directions[a.step] = direction.clone()  # the guard's reference for x_K
+                a.result.unconds[a.step] = uncond[0].clone()
             t = a.timesteps[a.step]
             a.latents = a.scheduler.step(guided, t, a.latents, return_dict=False)[0]
             a.step += 1

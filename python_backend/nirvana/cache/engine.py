@@ -11,10 +11,10 @@ learned from its events stream), a lookup may choose one of them and fetch it, a
 admission and flush goes to the shared tier too. The shared tier failing never fails a lookup
 or an admission: the cache then serves what it holds locally.
 
-With the resume guard (:mod:`nirvana.guard`), a state at step K is stored together with its
-guidance direction (one tensor [2, C, H, W]: latents, direction), and an approximate hit carries
-the direction, the bound its K allows and a fallback start (a smaller step of the same entry, or
-the request's own noise) for the step loop's latent check.
+With the resume guard (:mod:`nirvana.guard`), a state the guard may probe is stored together
+with its guidance direction and unconditional prediction (one tensor [3, C, H, W]), and an
+approximate hit above the unchecked K carries the entry's probe state, its direction, the bound
+its K allows and where a downgrade goes on from, for the step loop's latent check.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from nirvana.cache.policy import StateStats, eviction_score
 from nirvana.cache.shared import SharedEntry, SharedTier, SharedTierError
 from nirvana.cache.store import DTYPES, DiskTier, LatentStore, MemoryTier
 from nirvana.config import CacheConfig
-from nirvana.guard import GuardPolicy
+from nirvana.guard import FALLBACK_PROBE, GuardPolicy
 from nirvana.steps import scale_step, scale_steps, start_step_for
 
 MISS, APPROXIMATE, EXACT = "miss", "approximate", "exact"
@@ -74,12 +74,15 @@ class LookupResult:
     """What a lookup decided for one request.
 
     Attributes:
-        direction: The chosen state's guidance direction (the latent check's reference); None
-            when the hit is served unchecked.
-        guard_bound: Largest divergence the latent check allows at ``start_step``; None: no check.
-        fallback_step: Where a downgraded hit restarts (0: from the request's own noise).
-        fallback_latents: The state after ``fallback_step`` steps (None when 0: the caller makes
-            the noise, as for a miss).
+        guard_bound: Largest probe divergence the latent check allows at ``start_step``; None: the
+            hit is served unchecked (and the probe fields are unset).
+        probe_step: The matched entry's early step the check probes.
+        probe_latents: The entry's state at ``probe_step``.
+        direction: The matched prompt's guidance direction at the probe state.
+        uncond: The unconditional prediction at the probe state, when the request's negative
+            prompt is the entry's (so it stands in for the probe's own); None: computed.
+        fallback_step: Where a downgraded hit goes on from: ``probe_step`` or 0 (the request's own
+            noise, which the caller makes as for a miss).
     """
 
     status: str
@@ -88,23 +91,29 @@ class LookupResult:
     latents: Optional[torch.Tensor] = None
     matched_prompt: str = ""
     save_steps: Tuple[int, ...] = ()
-    direction: Optional[torch.Tensor] = None
     guard_bound: Optional[float] = None
+    probe_step: int = 0
+    probe_latents: Optional[torch.Tensor] = None
+    direction: Optional[torch.Tensor] = None
+    uncond: Optional[torch.Tensor] = None
     fallback_step: int = 0
-    fallback_latents: Optional[torch.Tensor] = None
 
 
-def pack_state(latents: torch.Tensor, direction: Optional[torch.Tensor]) -> torch.Tensor:
-    """One stored tensor for a state: [2, C, H, W] (latents, guidance direction), or the latents
-    alone [C, H, W] when no direction was computed (an unguided request)."""
-    return latents if direction is None else torch.stack([latents, direction.to(latents.dtype)])
+def pack_state(latents: torch.Tensor, direction: Optional[torch.Tensor] = None,
+               uncond: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One stored tensor for a state: [3, C, H, W] (latents, guidance direction, unconditional
+    prediction) where the guard may probe it, else the latents alone [C, H, W]."""
+    if direction is None or uncond is None:
+        return latents
+    return torch.stack([latents, direction.to(latents.dtype), uncond.to(latents.dtype)])
 
 
-def unpack_state(state: torch.Tensor, latent_rank: int = 3) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(latents, direction or None) of a stored state (see :func:`pack_state`)."""
-    if state.dim() == latent_rank + 1 and state.shape[0] == 2:
-        return state[0], state[1]
-    return state, None
+def unpack_state(state: torch.Tensor,
+                 latent_rank: int = 3) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(latents, direction or None, unconditional prediction or None) of a stored state."""
+    if state.dim() == latent_rank + 1 and state.shape[0] == 3:
+        return state[0], state[1], state[2]
+    return state, None, None
 
 
 @dataclass
@@ -279,25 +288,33 @@ class LatentCache:
     def _approximate_hit(self, key: CacheKey, entry: _Entry, step: int, similarity: float,
                          state: torch.Tensor, save: Tuple[int, ...]) -> LookupResult:
         """The hit on ``entry`` at ``step``, with what the latent check needs when a guard is on."""
-        latents, direction = unpack_state(state)
-        result = LookupResult(APPROXIMATE, step, similarity, latents, entry.key.prompt,
+        result = LookupResult(APPROXIMATE, step, similarity, unpack_state(state)[0], entry.key.prompt,
                               tuple(s for s in save if s > step))
-        if self.guard is None:
-            return result
-        bound = self.guard.bound_for(step, self.config.base_steps, key.steps)
-        if direction is None or bound is None:
-            return result  # within unchecked_max_k (see _use): served unchecked
-        result.direction, result.guard_bound = direction, bound
-        # A downgraded hit restarts from the largest local step of the same entry the guard lets
-        # through unchecked, and then keeps every state after it.
-        limit = min(step - 1, self.guard.fallback_limit(self.config.base_steps, key.steps))
-        for fallback in sorted((s for s in entry.steps if 0 < s <= limit), reverse=True):
-            stored = self.store.get((entry.entry_id, fallback))
-            if stored is not None:
-                result.fallback_step, result.fallback_latents = fallback, unpack_state(stored)[0]
-                break
+        probe = self._probe_for(entry, step, key.steps)
+        if probe is None:
+            return result  # within unchecked_max_k (see _servable): served unchecked
+        probe_step, (probe_latents, direction, uncond) = probe
+        result.guard_bound = self.guard.bound_for(step, self.config.base_steps, key.steps)
+        result.probe_step, result.probe_latents, result.direction = probe_step, probe_latents, direction
+        # The cached unconditional prediction stands in for the probe's own only when it is the same.
+        result.uncond = uncond if key.negative_prompt == entry.key.negative_prompt else None
+        result.fallback_step = probe_step if self.guard.fallback == FALLBACK_PROBE else 0
+        # A downgraded hit keeps every state after where it went on from.
         result.save_steps = tuple(s for s in save if s > result.fallback_step)
         return result
+
+    def _probe_for(self, entry: _Entry, step: int, steps: int):
+        """(probe step, unpacked probe state) the guard checks a hit at ``step`` with; None when
+        the hit is served unchecked."""
+        if self.guard is None or step <= self.guard.unchecked_limit(self.config.base_steps, steps):
+            return None
+        probe_step = self.guard.probe_step(self.config.base_steps, steps)
+        if not 0 < probe_step < step or probe_step not in entry.steps:
+            return None
+        stored = self.store.get((entry.entry_id, probe_step))  # a peek: the probe is not a use
+        if stored is None or unpack_state(stored)[1] is None:
+            return None
+        return probe_step, unpack_state(stored)
 
     def _count(self, key: CacheKey, name: str) -> None:
         self.counters[name] += 1
@@ -309,15 +326,15 @@ class LatentCache:
             return entry.steps | entry.shared_steps
         return entry.steps
 
-    def _servable(self, state: torch.Tensor, step: int, steps: int) -> bool:
-        """With the guard on, an approximate hit needs the state's direction and a bound for its K,
-        unless K is within what the guard serves unchecked."""
+    def _servable(self, entry: _Entry, step: int, steps: int) -> bool:
+        """With the guard on, an approximate hit above the unchecked K needs the entry's probe
+        state (with its direction) and a bound for its K."""
         if self.guard is None or step == FINAL:
             return True
         if step <= self.guard.unchecked_limit(self.config.base_steps, steps):
             return True
-        return (unpack_state(state)[1] is not None and
-                self.guard.bound_for(step, self.config.base_steps, steps) is not None)
+        return (self.guard.bound_for(step, self.config.base_steps, steps) is not None and
+                self._probe_for(entry, step, steps) is not None)
 
     def _use(self, entry_id: int, step: int, steps: int = 0) -> Optional[torch.Tensor]:
         entry = self._entries.get(entry_id)
@@ -328,8 +345,8 @@ class LatentCache:
             self._forget_state(entry_id, step)  # the local tier lost it (a damaged disk file)
         if state is None:
             state = self._fetch_shared(entry, step)
-            return state if state is None or self._servable(state, step, steps or entry.key.steps) else None
-        if not self._servable(state, step, steps or entry.key.steps):
+            return state if state is None or self._servable(entry, step, steps or entry.key.steps) else None
+        if not self._servable(entry, step, steps or entry.key.steps):
             return None  # not a use: the lookup goes on to the next option
         stats = self._stats[(entry_id, step)]
         stats.uses += 1
@@ -388,7 +405,7 @@ class LatentCache:
 
     def admit(self, embedding: np.ndarray, key: CacheKey, checkpoints: Mapping[int, torch.Tensor],
               final_latents: Optional[torch.Tensor] = None, was_hit: bool = False,
-              directions: Optional[Mapping[int, torch.Tensor]] = None) -> int:
+              directions: Optional[Mapping[int, Tuple[torch.Tensor, torch.Tensor]]] = None) -> int:
         """Store a finished request's states.
 
         Args:
@@ -398,8 +415,8 @@ class LatentCache:
             final_latents: The request's final latents (for the exact-hit fast path).
             was_hit: The request started from a cached state; with ``admit_on_hit`` off,
                 it admits only its final latents.
-            directions: Step -> the request's guidance direction at that checkpoint (the resume
-                guard's reference), stored with the state; steps without one are stored alone.
+            directions: Step -> the request's (guidance direction, unconditional prediction) at
+                that checkpoint: stored with the states the guard may probe (its probe step).
 
         Returns:
             How many states were stored.
@@ -407,7 +424,10 @@ class LatentCache:
         states: Dict[int, torch.Tensor] = {}
         directions = directions or {}
         if not was_hit or self.config.admit_on_hit:
-            states.update({int(k): pack_state(v, directions.get(int(k))) for k, v in checkpoints.items() if int(k) > 0})
+            probes = set() if self.guard is None else {self.guard.probe_step(self.config.base_steps, key.steps)}
+            states.update({int(k): pack_state(v, *(directions.get(int(k), (None, None)) if int(k) in probes
+                                                   else (None, None)))
+                           for k, v in checkpoints.items() if int(k) > 0})
         if self.config.exact_hit and final_latents is not None:
             states[FINAL] = final_latents
         if not states:
