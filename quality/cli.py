@@ -386,10 +386,14 @@ def tail_section(args, records: List[dict], model_id: str, report: dict, lines: 
     if args.write_thresholds:
         calibration = args.calibration or embedded.WEIGHTS_DIR / embedded.CALIBRATION
         guard = policies.guard_calibration(tail)
-        write_tail_calibration(calibration, model_id, default["thresholds"], guard)
-        paths = write_thresholds(args.repository, default["thresholds"], guard)
+        # The top-level thresholds are what a latent_cache with guard "off" serves: the table that
+        # meets the default target unchecked; with the guard on, each target's own table applies.
+        unguarded = tail["unguarded"]["thresholds"]
+        write_tail_calibration(calibration, model_id, unguarded, guard)
+        paths = write_thresholds(args.repository, unguarded, guard)
         written = [f"Guard calibration (all targets) written to {calibration} and {len(paths)} pipeline.json files "
-                   f"of {args.repository}; their thresholds are now the target {default_key} ones.", ""]
+                   f"of {args.repository}; without the guard their thresholds are `{json.dumps(unguarded)}` "
+                   f"(target {default_key} unchecked).", ""]
     lines += head + kinds + ["### K x similarity band x kind (unchecked; within the default guard's bound)", "",
                              policies.markdown_kind_table(tail["kind_table"]), ""] + frontier + written
     return head + kinds + [policies.compact_kind_table(tail["kind_table"]), ""] + frontier + written

@@ -15,6 +15,7 @@ pairs it has not seen.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -133,14 +134,13 @@ class Constraint:
     def most_false_hits(self, max_hits: int) -> np.ndarray:
         """[n] -> the most false hits a kind with n hits may have (-1: not even none).
 
-        Computed once per calibration: the search then checks a kind by one lookup. The limit
-        never falls as n grows, so each n starts from the previous one's."""
+        Computed once per calibration: the search then checks a kind by one lookup. For a given n
+        the constraint holds up to some count of false hits and not beyond; across n it is not
+        monotone (at min_n the upper bound starts to apply)."""
         out = np.full(max_hits + 1, -1, dtype=np.int64)
-        allowed = -1
         for n in range(max_hits + 1):
-            if allowed < 0 and self.holds(n, 0):
-                allowed = 0
-            while 0 <= allowed < n and self.holds(n, allowed + 1):
+            allowed = -1
+            while allowed < n and self.holds(n, allowed + 1):
                 allowed += 1
             out[n] = allowed
         return out
@@ -323,14 +323,16 @@ class _Arrays:
     divergence: np.ndarray  # nan where the record has none (never within a bound)
     lost: np.ndarray
     grid: Tuple[int, ...] = TAIL_KS
+    guarded: bool = True  # False: every K is served unchecked (the thresholds alone decide)
 
     @property
     def probe_column(self) -> int:
         return self.grid.index(PROBE_K)
 
     def unchecked(self, column: int) -> bool:
-        """A hit at this K cannot be probed (K <= PROBE_K): its "bound" is infinite or it is unused."""
-        return self.grid[column] <= PROBE_K
+        """A hit at this K cannot be probed (K <= PROBE_K, or no guard): its "bound" is infinite or
+        it is unused."""
+        return not self.guarded or self.grid[column] <= PROBE_K
 
     @classmethod
     def of(cls, records: Sequence[Mapping], grid: Sequence[int] = TAIL_KS) -> "_Arrays":
@@ -604,6 +606,22 @@ def calibrate_tail(records: Sequence[Mapping], target: float = DEFAULT_TARGET, u
             "calibration": evaluate(policy, calibration), "heldout": evaluate(policy, heldout)}
 
 
+def calibrate_unguarded(records: Sequence[Mapping], target: float = DEFAULT_TARGET, upper: Optional[float] = None,
+                        floor: float = harness.UNRELATED_FLOOR) -> Dict[str, object]:
+    """The thresholds table for ``target`` without the guard (what a latent_cache with guard off
+    serves): :data:`TAIL_CALIBRATION_RULE` with every K served unchecked (steps 1-3)."""
+    constraint = Constraint.for_target(target, upper)
+    calibration, heldout = split(records)
+    if not calibration:
+        raise ValueError("no calibration records: measure the tail first")
+    arrays = dataclasses.replace(_Arrays.of(calibration), guarded=False)
+    search = _tightened(arrays, constraint.most_false_hits(len(calibration)), floor, 0)
+    table = search.policy()[0] if search is not None else []
+    policy = Policy(f"unguarded {target:g}", table)
+    return {"target": float(target), "upper": constraint.upper, "thresholds": table,
+            "calibration": evaluate(policy, calibration), "heldout": evaluate(policy, heldout)}
+
+
 def latent_policy(calibration: Mapping, name: Optional[str] = None) -> Policy:
     """The policy a :func:`calibrate_tail` result describes."""
     return Policy(name or f"latent guard {calibration['target']:g}", [list(r) for r in calibration["thresholds"]],
@@ -839,9 +857,13 @@ def tail_report(records: Sequence[Mapping], targets: Sequence[float] = TARGETS,
     _, heldout = split(records)
     default_policy = latent_policy(default, f"latent guard {default_target:g} (default)")
     kinds = [evaluate(default_policy, heldout), evaluate(unguarded_policies()[0], heldout)]
-    rows = frontier(heldout, frontier_policies(calibrations, token_calibration, default_target))
+    unguarded = calibrate_unguarded(records, default_target, floor=floor)
+    policies = frontier_policies(calibrations, token_calibration, default_target)
+    policies.append(Policy(f"tail-calibrated table, no guard ({default_target:g})", unguarded["thresholds"]))
+    rows = frontier(heldout, policies)
     return {"records": len(records), "calibration_pairs": len(records) - len(heldout), "heldout_pairs": len(heldout),
             "targets": calibrations, "default_target": float(default_target), "token": token_calibration,
+            "unguarded": unguarded,
             "kinds_heldout": kinds, "kind_table": kind_table(records, TAIL_KS, default_policy.latent),
             "frontier": rows}
 
