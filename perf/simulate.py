@@ -23,6 +23,20 @@ Examples:
     nirvana-simulate ../shared/workloads/sd_discord_dreambot_W1-dream-2.jsonl --limit 20000 --sizes 500,2000,8000
     nirvana-simulate perf/data/diffusiondb_sample.jsonl --lookup-k 1,4,8,16 \
         --thresholds calibrated=path/to/pipeline.json --thresholds 'strict=[[0.97,25],[0.93,20]]'
+    nirvana-simulate ../shared/workloads/sd_discord_dreambot_W1-dream-2.jsonl --limit 20000 --no-compare \
+        --policies '' --guard-tokens 0:40,1:10,2:5,3:0 --guarded-thresholds '[[0.9,40],[0.85,35],[0.71,5]]' \
+        --guard-bounds 10:0.35,35:0.35,40:0.35
+
+The resume guard comparison (LCBFU, unbounded cache, the configured lookup_k) sets the paper's
+table and the current one, unguarded, against the guard's two variants. The token check (a) is
+decidable offline and replayed fully: every lookup caps each candidate's K by the novel tokens of
+the request's prompt against the candidate's (``--guard-tokens``). The latent check (b) needs the
+UNet: the guarded thresholds replayed unguarded are an upper bound, and the estimate downgrades
+each checked approximate hit with the rate measured on the held-out tail records of the shapes
+quality pairs at its K and similarity band (``--guard-records``, ``--guard-bounds``), counting the
+probe's half evaluation and the fallback (:func:`hit_savings`): that rests on the embedded shapes
+model's calibration. Defaults come from the calibration file's "guard" entry; a
+variant without its inputs is skipped, with a note saying why.
 """
 
 from __future__ import annotations
@@ -37,15 +51,16 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from nirvana.cache import CacheKey, LatentCache
-from nirvana.config import (PIPELINE_FILE, CacheConfig, ConfigError, PipelineSpec, _parse_thresholds,
-                            parse_parameters, read_pbtxt_parameters)
+from nirvana.config import (PAPER_THRESHOLDS, PIPELINE_FILE, CacheConfig, ConfigError, PipelineSpec,
+                            _parse_thresholds, parse_parameters, read_pbtxt_parameters)
+from nirvana.guard import FALLBACK_NOISE, FALLBACK_PROBE, GuardPolicy, TokenCaps, novel_tokens
 from nirvana.onnx_session import OnnxModel
 from nirvana.steps import start_step_for
 from nirvana.text import PromptTokenizer
@@ -187,6 +202,8 @@ class ReplayResult:
     thresholds_label: str = ""
     unbounded: bool = False  # capacity_states holds every state of the log: nothing is ever evicted
     lookup_us_mean: float = 0.0  # mean wall time of LatentCache.lookup (search, candidates, store)
+    token_eligible: int = 0  # with the token guard: lookups with a candidate within the thresholds
+    token_capped: int = 0  # ... whose best K the token cap lowered (to 0 included)
 
     @property
     def hit_rate(self) -> float:
@@ -205,11 +222,16 @@ def unbounded_capacity(rows: Sequence[dict], config: CacheConfig) -> int:
 
 
 def replay(rows: Sequence[dict], embeddings: np.ndarray, config: CacheConfig, capacity_states: int,
-           progress: bool = False, label: str = "") -> ReplayResult:
+           progress: bool = False, label: str = "", token_guard: Optional["TokenGuard"] = None,
+           hits: Optional[List[Tuple[int, float]]] = None) -> ReplayResult:
     """Send every request of the log through a fresh cache holding at most ``capacity_states`` states.
 
     A state is a 1-element fp32 tensor (4 bytes), so the byte budget counts states.
     Every request runs at STEPS=50; the log's seed is used when present.
+
+    Args:
+        token_guard: The resume guard's token check (variant a): every lookup is capped by it.
+        hits: When given, (K, similarity) of every approximate hit is appended to it.
     """
     config = dataclasses.replace(config, host_bytes=4 * capacity_states, device_bytes=0, disk_bytes=0,
                                  store_dtype="float32", use_gpu=False)
@@ -219,11 +241,19 @@ def replay(rows: Sequence[dict], embeddings: np.ndarray, config: CacheConfig, ca
     looking = 0.0
     hist: Dict[int, int] = collections.Counter()
     desc = f"{label + ' ' if label else ''}{config.eviction} {capacity_states} k={config.lookup_k}"
+    if token_guard is not None:
+        token_guard.reset()
     for i, row in enumerate(tqdm(rows, desc=desc, disable=not progress, file=sys.stderr, leave=False)):
         key = CacheKey(str(row["prompt"]), "", request_seed(row, i), STEPS, 7.5)
+        k_cap = None if token_guard is None else \
+            token_guard.request(i, key.prompt, config.thresholds, config.base_steps)
         began = time.perf_counter()
-        result = cache.lookup(embeddings[i], key)
+        result = cache.lookup(embeddings[i], key) if k_cap is None else cache.lookup(embeddings[i], key, k_cap=k_cap)
         looking += time.perf_counter() - began
+        if token_guard is not None:
+            token_guard.settle()
+        if hits is not None and result.status == "approximate":
+            hits.append((result.start_step, float(result.similarity)))
         hist[result.start_step] += 1
         saved += result.start_step
         if result.status != "exact":
@@ -234,7 +264,8 @@ def replay(rows: Sequence[dict], embeddings: np.ndarray, config: CacheConfig, ca
     return ReplayResult(config.eviction, capacity_states, config.admit_on_hit, len(rows), c["exact_hits"],
                         c["approximate_hits"], dict(sorted(hist.items())), saved / (STEPS * len(rows)),
                         c["evicted_states"], config.lookup_k, label,
-                        capacity_states >= unbounded_capacity(rows, config), 1e6 * looking / len(rows))
+                        capacity_states >= unbounded_capacity(rows, config), 1e6 * looking / len(rows),
+                        token_guard.eligible if token_guard else 0, token_guard.capped if token_guard else 0)
 
 
 # -- lookups and threshold tables compared -----------------------------------------------------
@@ -362,6 +393,430 @@ def comparison_table(results: Sequence[ReplayResult], tables_info: Dict[str, Dic
     return "\n".join(lines)
 
 
+# -- the resume guard compared ---------------------------------------------------------------------
+
+CALIBRATION_FILE = Path("export/weights/calibration.json")
+GUARD_RECORDS = Path("perf/results/quality/tail_records.jsonl")
+LATENT_CAVEAT = ("the latent estimate applies the downgrade rates measured on the shapes quality pairs "
+                 "(held-out tail records) per resumed K and similarity band: it rests on the embedded shapes "
+                 "model's calibration, not on the log's own prompts, which no UNet has run on here; the upper "
+                 "bound is the guarded thresholds replayed unguarded")
+
+
+def parse_token_caps(text: str) -> TokenCaps:
+    """``COUNT:K,...`` (e.g. "0:40,1:10,2:5,3:0"; the largest count stands for every count above it)
+    or the calibration's JSON ``{"caps": {"0": 40, ...}, "max_counted": 3}``.
+
+    Raises:
+        ConfigError: Naming what is wrong.
+    """
+    spec = text.strip()
+    try:
+        if spec.startswith("{"):
+            data = json.loads(spec)
+            caps = {int(c): int(k) for c, k in dict(data["caps"]).items()}
+            max_counted = int(data.get("max_counted", max(caps) if caps else 0))
+        else:
+            caps = {int(c): int(k) for c, k in (part.split(":") for part in spec.split(",") if part.strip())}
+            max_counted = max(caps) if caps else 0
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"--guard-tokens {text!r}: expected COUNT:K pairs or {{\"caps\": ...}}: {exc}") from exc
+    if not caps or any(c < 0 or k < 0 or k >= STEPS for c, k in caps.items()):
+        raise ConfigError(f"--guard-tokens {text!r}: counts and K must be >= 0, K below {STEPS}")
+    return TokenCaps(caps, max_counted)
+
+
+def parse_bounds(text: str) -> Dict[int, float]:
+    """``K:BOUND,...`` (e.g. "5:0.35,10:0.35") or a JSON object ``{"10": 0.4, ...}``.
+
+    Raises:
+        ConfigError: Naming what is wrong.
+    """
+    spec = text.strip()
+    try:
+        pairs = json.loads(spec).items() if spec.startswith("{") else \
+            (part.split(":") for part in spec.split(",") if part.strip())
+        bounds = {int(k): float(b) for k, b in pairs}
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"--guard-bounds {text!r}: expected K:BOUND pairs: {exc}") from exc
+    if not bounds:
+        raise ConfigError(f"--guard-bounds {text!r}: no bounds")
+    return bounds
+
+
+def calibration_guard(path: Optional[Path]) -> Dict[str, object]:
+    """The "guard" entry of a calibration file ({} when the file or the entry is missing)."""
+    if path is None or not Path(path).exists():
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return dict(data.get("guard") or {}) if isinstance(data, dict) else {}
+
+
+def _default_target(guard: Mapping[str, object]) -> Optional[Mapping[str, object]]:
+    """The calibration of the guard's default target (its key is the target as text, e.g. "0.02")."""
+    targets = dict(guard.get("targets") or {})
+    target = guard.get("default_target")
+    if target is None:
+        return None
+    for key in (str(target), f"{float(target):g}"):
+        if key in targets:
+            return targets[key]
+    return next((v for k, v in targets.items() if abs(float(k) - float(target)) < 1e-12), None)
+
+
+@dataclasses.dataclass
+class GuardInputs:
+    """What the guard comparison replays with, each from an option or the calibration.
+
+    Attributes:
+        token_caps: Variant a's caps (None: the token rows are skipped).
+        token_thresholds: The table the token caps were calibrated on, when the calibration names one.
+        guarded: The thresholds table calibrated with the latent guard (variant b).
+        policy: The latent guard: bounds per K, probe_k, fallback, unchecked_max_k.
+        records: Held-out tail records (the latent estimate's downgrade rates).
+        sources: Where each input came from.
+        notes: Why a variant is skipped.
+    """
+
+    token_caps: Optional[TokenCaps] = None
+    token_thresholds: Optional[Thresholds] = None
+    guarded: Optional[Thresholds] = None
+    policy: Optional[GuardPolicy] = None
+    records: List[dict] = dataclasses.field(default_factory=list)
+    sources: Dict[str, str] = dataclasses.field(default_factory=dict)
+    notes: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def token(self) -> bool:
+        return self.token_caps is not None
+
+    @property
+    def latent(self) -> bool:
+        return self.guarded is not None and self.policy is not None and bool(self.records)
+
+    def describe(self) -> Dict[str, object]:
+        return {"token_caps": None if self.token_caps is None else
+                {"caps": {str(c): k for c, k in sorted(self.token_caps.caps.items())},
+                 "max_counted": self.token_caps.max_counted},
+                "guarded_thresholds": self.guarded, "policy": None if self.policy is None else self.policy.as_dict(),
+                "heldout_records": len(self.records), "sources": self.sources, "notes": self.notes}
+
+
+def guard_inputs(calibration: Optional[Path], tokens: Optional[str] = None, guarded: Optional[str] = None,
+                 bounds: Optional[str] = None, fallback: Optional[str] = None, records: Optional[Path] = None,
+                 model_id: Optional[str] = None, spec_guard: Optional[Mapping[str, object]] = None,
+                 probe_k: Optional[int] = None, unchecked_max_k: Optional[int] = None) -> GuardInputs:
+    """The guard comparison's inputs: the options given, else the calibration file's "guard" entry
+    (else the model repository's, ``spec_guard``), the tail records at ``records``.
+
+    Raises:
+        ConfigError: An option that does not parse.
+    """
+    out = GuardInputs()
+    guard = calibration_guard(calibration)
+    origin = str(calibration)
+    if not guard and spec_guard:
+        guard, origin = dict(spec_guard), "the model repository's pipeline.json"
+    chosen = _default_target(guard) or {}
+    token_entry = dict(guard.get("token") or {})
+    caps_data = guard.get("token_caps") or token_entry.get("token_caps")
+    if tokens:
+        out.token_caps, out.sources["token_caps"] = parse_token_caps(tokens), "--guard-tokens"
+    elif caps_data:
+        out.token_caps, out.sources["token_caps"] = parse_token_caps(json.dumps(caps_data)), origin
+        if token_entry.get("thresholds"):
+            out.token_thresholds = parse_thresholds_option(json.dumps(token_entry["thresholds"]))[1]
+    else:
+        out.notes.append(f"token guard skipped: no --guard-tokens and no guard → token_caps in {calibration}")
+    if guarded:
+        out.guarded, out.sources["guarded_thresholds"] = parse_thresholds_option(guarded)[1], "--guarded-thresholds"
+    elif chosen.get("thresholds"):
+        out.guarded = parse_thresholds_option(json.dumps(chosen["thresholds"]))[1]
+        out.sources["guarded_thresholds"] = f"{origin} (target {guard.get('default_target')})"
+    calibrated = GuardPolicy.from_dict(chosen["guard"]) if chosen.get("guard") else None
+    if bounds or calibrated is not None:
+        default = calibrated or GuardPolicy()
+        try:
+            out.policy = GuardPolicy(parse_bounds(bounds) if bounds else dict(default.bounds),
+                                     default.probe_k if probe_k is None else int(probe_k),
+                                     default.fallback if fallback is None else str(fallback),
+                                     default.unchecked_max_k if unchecked_max_k is None else int(unchecked_max_k))
+        except ValueError as exc:
+            raise ConfigError(f"--guard-*: {exc}") from exc
+        out.sources["bounds"] = "--guard-bounds" if bounds else origin
+    if records is not None and Path(records).exists():
+        try:
+            loaded = _load_tail_records(Path(records), model_id)
+        except ValueError as exc:
+            loaded = []
+            out.notes.append(f"latent guard skipped: {exc}")
+        # The held-out half, as the quality harness splits it (the odd-ranked pairs of each kind).
+        from nirvana_quality.policies import split
+
+        out.records = split(loaded)[1] if loaded else []
+        if loaded and not out.records:
+            out.notes.append(f"latent guard skipped: {records} holds no held-out records")
+        out.sources["records"] = str(records)
+    missing = [what for what, have in (("tail records (--guard-records)", bool(out.records) or
+                                        (records is not None and Path(records).exists())),
+                                       ("guarded thresholds (--guarded-thresholds)", out.guarded is not None),
+                                       ("bounds per K (--guard-bounds)", out.policy is not None)) if not have]
+    if missing:
+        out.notes.append(f"latent guard skipped: no {', no '.join(missing)} (nor in the calibration file's "
+                         f"guard → targets → default target, {calibration})")
+    return out
+
+
+def _load_tail_records(path: Path, model_id: Optional[str]) -> List[dict]:
+    from nirvana_quality.tail import load_records
+
+    return load_records(path, model_id)
+
+
+class TokenGuard:
+    """Variant a in a replay: ``k_cap`` for a request's lookup, from the novel tokens of its prompt
+    against each candidate's (token ids kept per prompt, counts per pair), and how often the cap
+    lowered what the thresholds alone would give."""
+
+    def __init__(self, caps: TokenCaps, tokenizer: PromptTokenizer, prompts: Sequence[str],
+                 embeddings: np.ndarray, batch_size: int = 256):
+        self.caps = caps
+        self._tokenizer = tokenizer
+        self.special = tuple(int(t) for t in set(tokenizer([""]).input_ids[0].tolist()))
+        self._ids: Dict[str, Tuple[int, ...]] = {}
+        self._tokenize(list(dict.fromkeys(prompts)), batch_size)
+        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+        self._unit = embeddings / np.maximum(norms, 1e-12)
+        self._row = {}
+        for i, p in enumerate(prompts):
+            self._row.setdefault(p, i)
+        self._caps: Dict[Tuple[str, str], int] = {}
+        self.reset()
+
+    def _tokenize(self, prompts: List[str], batch_size: int) -> None:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            tokens = self._tokenizer(batch)
+            for prompt, ids, mask in zip(batch, tokens.input_ids, tokens.attention_mask):
+                self._ids[prompt] = tuple(int(t) for t, m in zip(ids, mask) if m)
+
+    def ids(self, prompt: str) -> Tuple[int, ...]:
+        if prompt not in self._ids:
+            self._tokenize([prompt], 1)
+        return self._ids[prompt]
+
+    def cap_for(self, new: str, cached: str) -> int:
+        """The largest K (at 50 steps) a hit of ``new`` on ``cached`` may resume at."""
+        pair = (new, cached)
+        cap = self._caps.get(pair)
+        if cap is None:
+            count = len(novel_tokens(self.ids(new), self.ids(cached), self.special))
+            cap = self._caps[pair] = int(self.caps.cap(count) or 0)
+        return cap
+
+    def reset(self) -> None:
+        self.eligible = 0  # lookups where a candidate was within the thresholds
+        self.capped = 0  # ... and the cap lowered the best K the thresholds would have given
+
+    def request(self, index: int, prompt: str, thresholds: Thresholds, base_steps: int) -> Callable[[CacheKey], int]:
+        """The ``k_cap`` of request ``index`` (call :meth:`settle` after its lookup)."""
+        unit = self._unit[index]
+        self._table_k = self._capped_k = 0
+
+        def k_cap(candidate: CacheKey) -> int:
+            cap = self.cap_for(prompt, candidate.prompt)
+            row = self._row.get(candidate.prompt)
+            if row is not None:
+                k = start_step_for(float(self._unit[row] @ unit), thresholds, base_steps, base_steps)
+                self._table_k = max(self._table_k, k)
+                self._capped_k = max(self._capped_k, min(k, cap))
+            return cap
+
+        return k_cap
+
+    def settle(self) -> None:
+        if self._table_k > 0:
+            self.eligible += 1
+            self.capped += self._capped_k < self._table_k
+        self._table_k = self._capped_k = 0
+
+
+def _measured_step(record: Mapping, k: int) -> Optional[str]:
+    """The record's measured K for a hit at ``k``: the largest at or below it, else the smallest."""
+    measured = sorted(int(s) for s in record["k"])
+    if not measured:
+        return None
+    below = [s for s in measured if s <= k]
+    return str(below[-1] if below else measured[0])
+
+
+def record_downgraded(record: Mapping, k: int, policy: GuardPolicy) -> bool:
+    """Whether the latent check downgrades the record's hit at ``k`` (as the quality harness judges
+    it, :mod:`nirvana_quality.policies`): the served check probes the entry's state at probe_k, so
+    the record's divergence there decides against the bound for K; no bound for K, or no
+    divergence measured, downgrades. A hit at or below ``unchecked_max_k`` is never checked."""
+    if k <= policy.unchecked_max_k:
+        return False
+    bound = policy.bounds.get(k)
+    probe = record["k"].get(str(policy.probe_k))
+    divergence = None if probe is None or k <= policy.probe_k else probe.get("divergence")
+    return bound is None or divergence is None or float(divergence) > bound
+
+
+def downgrade_rates(records: Sequence[Mapping], policy: GuardPolicy, ks: Sequence[int],
+                    edges: Optional[Sequence[float]] = None) -> Dict[Tuple[int, Optional[int]], Tuple[float, int]]:
+    """(rate, records) of downgrades per (K, similarity band) over ``records``, and per (K, None)
+    over all bands (for a band without records)."""
+    from nirvana_quality.harness import BAND_EDGES, band_of
+
+    edges = BAND_EDGES if edges is None else edges
+    counts: Dict[Tuple[int, Optional[int]], List[int]] = collections.defaultdict(lambda: [0, 0])
+    for record in records:
+        band = band_of(float(record["similarity"]), edges)
+        for k in ks:
+            down = record_downgraded(record, k, policy)
+            for cell in ((k, band), (k, None)):
+                counts[cell][0] += down
+                counts[cell][1] += 1
+    return {cell: (down / n, n) for cell, (down, n) in counts.items() if n}
+
+
+# UNet evaluations a checked hit's probe costs: one conditional row, the stored unconditional
+# prediction standing in for the other (the log's requests all share the empty negative prompt).
+PROBE_COST = 0.5
+
+
+def hit_savings(k: int, rate: float, policy: GuardPolicy, probe_cost: float = PROBE_COST) -> float:
+    """Expected UNet evaluations a hit at ``k`` saves under the latent check, downgraded with
+    probability ``rate``. Unchecked (K <= unchecked_max_k): K. Checked: the probe costs
+    ``probe_cost`` pass or fail; a pass then jumps to x_K (K - probe_cost); a downgrade to "probe"
+    goes on from x_p with the probe's prediction as that step's (p + 1 - probe_cost), one to "noise"
+    restarts from the request's own noise (-probe_cost)."""
+    if k <= policy.unchecked_max_k:
+        return float(k)
+    down = policy.probe_k + 1 - probe_cost if policy.fallback == FALLBACK_PROBE else -probe_cost
+    return (1 - rate) * (k - probe_cost) + rate * down
+
+
+def latent_estimate(hits: Sequence[Tuple[int, float]], exact_hits: int, requests: int, records: Sequence[Mapping],
+                    policy: GuardPolicy, edges: Optional[Sequence[float]] = None,
+                    probe_cost: float = PROBE_COST) -> Dict[str, float]:
+    """Variant b's expected effect on a replay: each approximate hit (K, similarity) is downgraded
+    with the records' rate in (K, band of the similarity) (all bands' rate where its band has no
+    record) and saves :func:`hit_savings`; a hit downgraded to noise is a miss. Deterministic
+    expectations, no sampling.
+
+    Returns:
+        hit_rate, approximate_hits, exact_hits, steps_saved_fraction, downgraded (expected
+        count), downgraded_share (of approximate hits), checked (hits above unchecked_max_k) and
+        pooled_hits (hits whose band had no record).
+    """
+    from nirvana_quality.harness import BAND_EDGES, band_of
+
+    edges = BAND_EDGES if edges is None else edges
+    rates = downgrade_rates(records, policy, sorted({k for k, _ in hits}), edges)
+    saved = float(STEPS * exact_hits)
+    approximate = downgraded = 0.0
+    pooled = checked = 0
+    for k, similarity in hits:
+        rate = 0.0
+        if k > policy.unchecked_max_k:
+            checked += 1
+            cell = rates.get((k, band_of(float(similarity), edges)))
+            if cell is None:
+                cell, pooled = rates.get((k, None), (1.0, 0)), pooled + 1
+            rate = cell[0]
+        saved += hit_savings(k, rate, policy, probe_cost)
+        downgraded += rate
+        approximate += 1 - (rate if policy.fallback == FALLBACK_NOISE else 0.0)
+    return {"hit_rate": (exact_hits + approximate) / requests, "approximate_hits": approximate,
+            "exact_hits": exact_hits, "steps_saved_fraction": saved / (STEPS * requests),
+            "downgraded": downgraded, "downgraded_share": downgraded / len(hits) if hits else 0.0,
+            "checked": checked, "pooled_hits": pooled}
+
+
+def compare_guards(rows: Sequence[dict], embeddings: np.ndarray, config: CacheConfig, inputs: GuardInputs,
+                   tokenizer: Optional[PromptTokenizer] = None, progress: bool = True) -> List[Dict[str, object]]:
+    """The resume guard's variants against the unguarded tables (LCBFU, unbounded cache, the
+    configured lookup_k, 50 steps): the paper's table and the current one unguarded; the token
+    guard (a) replayed fully on the paper's table and on the guarded thresholds; the latent guard
+    (b): the guarded thresholds replayed unguarded (an upper bound) and :func:`latent_estimate` of it.
+
+    Args:
+        config: The configured cache (its thresholds are "current"; its cache_steps are extended
+            by each table's K, as in :func:`compare_lookups`).
+        tokenizer: The served model's tokenizer (needed for the token rows).
+
+    Returns:
+        One dict per row: label, thresholds, guard, hit_rate, approximate_hits, exact_hits,
+        steps_saved_fraction, and token_capped_share or downgraded_share.
+    """
+    base = dataclasses.replace(config, eviction="lcbfu")
+    replays: Dict[Tuple[Thresholds, bool], Tuple[ReplayResult, List[Tuple[int, float]]]] = {}
+    guard = TokenGuard(inputs.token_caps, tokenizer, [str(r["prompt"]) for r in rows], embeddings) \
+        if inputs.token and tokenizer is not None else None
+
+    def run(label: str, table: Thresholds, token: bool) -> Tuple[ReplayResult, List[Tuple[int, float]]]:
+        key = (tuple(table), token)
+        if key not in replays:
+            table_config = config_for_thresholds(base, table)
+            hits: List[Tuple[int, float]] = []
+            result = replay(rows, embeddings, table_config, unbounded_capacity(rows, table_config),
+                            progress=progress, label=label, token_guard=guard if token else None, hits=hits)
+            replays[key] = (result, hits)
+        return replays[key]
+
+    def row(label: str, table: Thresholds, guard_name: str, result: ReplayResult, **extra) -> Dict[str, object]:
+        return {"label": label, "thresholds": [list(p) for p in table], "guard": guard_name,
+                "hit_rate": result.hit_rate, "approximate_hits": result.approximate_hits,
+                "exact_hits": result.exact_hits, "steps_saved_fraction": result.steps_saved_fraction,
+                "requests": result.requests, **extra}
+
+    paper, current = tuple(PAPER_THRESHOLDS), tuple(config.thresholds)
+    out = [row("paper's table", paper, "none", run("paper", paper, False)[0]),
+           row("current", current, "none", run("current", current, False)[0])]
+    if guard is not None:
+        second = inputs.guarded or inputs.token_thresholds or current
+        name = "guarded thresholds" if inputs.guarded else "token-calibrated" if inputs.token_thresholds else "current"
+        for label, table in (("paper's table", paper), (name, second)):
+            result = run(f"token {label}", table, True)[0]
+            out.append(row(label, table, "token (a), replayed", result,
+                           token_capped_share=result.token_capped / result.token_eligible
+                           if result.token_eligible else 0.0,
+                           token_capped=result.token_capped, token_eligible=result.token_eligible))
+    if inputs.latent:
+        result, hits = run("guarded", inputs.guarded, False)
+        out.append(row("guarded thresholds", inputs.guarded, "latent (b), upper bound", result))
+        estimate = latent_estimate(hits, result.exact_hits, result.requests, inputs.records, inputs.policy)
+        out.append({"label": "guarded thresholds", "thresholds": [list(p) for p in inputs.guarded],
+                    "guard": "latent (b), estimate", "requests": result.requests,
+                    **{k: estimate[k] for k in ("hit_rate", "approximate_hits", "exact_hits", "steps_saved_fraction",
+                                                "downgraded_share", "checked", "pooled_hits")}})
+    return out
+
+
+def guard_table(rows: Sequence[Mapping[str, object]]) -> str:
+    """Markdown: one row per (table, guard)."""
+    lines = ["| thresholds | guard | hit rate | approximate hits | exact hits | UNet steps saved | "
+             "token-capped (of lookups within the table) / downgraded (of approximate hits) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "token_capped_share" in r:
+            effect = f"capped {r['token_capped_share']:.1%} ({r['token_capped']}/{r['token_eligible']})"
+        elif "downgraded_share" in r:
+            effect = f"downgraded {r['downgraded_share']:.1%} (expected)"
+        else:
+            effect = ""
+        approx = r["approximate_hits"]
+        approx_text = f"{approx:.0f}" if isinstance(approx, float) else str(approx)
+        lines.append(f"| {r['label']} `{json.dumps(r['thresholds'])}` | {r['guard']} | {r['hit_rate']:.1%} | "
+                     f"{approx_text} | {r['exact_hits']} | {r['steps_saved_fraction']:.1%} | {effect} |")
+    return "\n".join(lines)
+
+
 # -- report ------------------------------------------------------------------------------------
 
 def markdown_table(results: Sequence[ReplayResult]) -> str:
@@ -421,6 +876,26 @@ def main(argv=None) -> int:
                         help="a threshold table to compare with the configured one ('current'): a JSON list "
                         "like '[[0.95,25],[0.91,20]]', 'SIM:K,...' text or a pipeline.json; repeatable")
     parser.add_argument("--no-compare", action="store_true", help="skip the lookup / thresholds comparison")
+    guard = parser.add_argument_group("resume guard comparison (runs when its inputs exist)")
+    guard.add_argument("--guard-calibration", type=Path, default=CALIBRATION_FILE,
+                       help="calibration file whose \"guard\" entry gives the defaults below (default: %(default)s; "
+                       "else the model repository's pipeline.json guard)")
+    guard.add_argument("--guard-tokens", metavar="CAPS", help="token caps of variant a, novel-token count:largest K, "
+                       "e.g. '0:40,1:10,2:5,3:0' (the largest count stands for more; default: guard → token_caps)")
+    guard.add_argument("--guard-records", type=Path, default=GUARD_RECORDS,
+                       help="tail records (JSON Lines) whose held-out ones give variant b's downgrade rates "
+                       "(default: %(default)s)")
+    guard.add_argument("--guarded-thresholds", metavar="TABLE", help="thresholds calibrated with the latent guard "
+                       "(like --thresholds; default: guard → targets → default_target → thresholds)")
+    guard.add_argument("--guard-bounds", metavar="K:BOUND,...", help="latent guard bound per K, e.g. "
+                       "'5:0.35,10:0.35' (default: guard → targets → default_target → guard → bounds)")
+    guard.add_argument("--guard-fallback", choices=(FALLBACK_PROBE, FALLBACK_NOISE), help="where a downgraded hit "
+                       "goes on from: the probed state or its own noise (default: the calibration's, else noise)")
+    guard.add_argument("--guard-probe-k", type=int, metavar="K", help="the step the latent check probes "
+                       "(default: the calibration's, else nirvana.guard's)")
+    guard.add_argument("--guard-unchecked-max-k", type=int, metavar="K", help="hits at or below this K are "
+                       "served unchecked (default: the calibration's, else nirvana.guard's)")
+    guard.add_argument("--no-guard", action="store_true", help="skip the resume guard comparison")
     parser.add_argument("--output", type=Path, default=Path("perf/results/simulate"))
     args = parser.parse_args(argv)
 
@@ -446,6 +921,18 @@ def main(argv=None) -> int:
         parser.error(str(exc))
     if len({label for label, _ in tables}) != len(tables):
         parser.error("--thresholds: two tables have the same label; name them with LABEL=")
+    inputs = None
+    if not args.no_guard:
+        try:
+            inputs = guard_inputs(args.guard_calibration, args.guard_tokens, args.guarded_thresholds,
+                                  args.guard_bounds, args.guard_fallback, args.guard_records,
+                                  embedder.spec.model_id, embedder.spec.guard, args.guard_probe_k,
+                                  args.guard_unchecked_max_k)
+            for table in (inputs.guarded, inputs.token_thresholds):
+                if table is not None:
+                    config_for_thresholds(compare_config, table)
+        except (ConfigError, ValueError) as exc:
+            parser.error(str(exc))
 
     nearest = nearest_previous_similarity(embeddings)
     character = characterize(prompts, embeddings, nearest)
@@ -464,6 +951,11 @@ def main(argv=None) -> int:
         results.append(replay(rows, embeddings, dataclasses.replace(config, eviction="lcbfu", admit_on_hit=False), size))
     compared, tables_info = ([], {}) if args.no_compare else \
         compare_lookups(rows, embeddings, nearest, compare_config, tables, lookup_ks, sizes)
+    guard_rows: List[Dict[str, object]] = []
+    guard_started = time.perf_counter()
+    if inputs is not None and (inputs.token or inputs.latent):
+        guard_rows = compare_guards(rows, embeddings, compare_config, inputs, embedder.tokenizer)
+    guard_seconds = time.perf_counter() - guard_started
 
     args.output.mkdir(parents=True, exist_ok=True)
     stem = args.log.stem + (f"-{args.limit}" if args.limit else "")
@@ -474,12 +966,22 @@ def main(argv=None) -> int:
               "lookup_k": config.lookup_k,
               "replays": [dict(dataclasses.asdict(r), hit_rate=r.hit_rate) for r in results],
               "comparison": {"lookup_k": lookup_ks, "tables": tables_info,
-                             "replays": [dict(dataclasses.asdict(r), hit_rate=r.hit_rate) for r in compared]}}
+                             "replays": [dict(dataclasses.asdict(r), hit_rate=r.hit_rate) for r in compared]},
+              "guard": {"inputs": None if inputs is None else inputs.describe(), "rows": guard_rows,
+                        "lookup_k": config.lookup_k, "caveat": LATENT_CAVEAT if inputs and inputs.latent else ""}}
     (args.output / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
     plot(results, character, args.output / f"{stem}.png", f"{args.log.name}: {len(rows)} requests")
     table = markdown_table(results)
     compare_text = comparison_table(compared, tables_info, lookup_ks) if compared else ""
-    (args.output / f"{stem}.md").write_text(table + "\n" + (f"\n{compare_text}\n" if compare_text else ""))
+    guard_text = guard_table(guard_rows) if guard_rows else ""
+    guard_notes = ["guard comparison skipped: --no-guard"] if inputs is None else \
+        (["guard comparison skipped: neither variant has its inputs"] if not guard_rows else []) + inputs.notes
+    guard_head = (f"resume guard compared (LCBFU, unbounded cache, best of {config.lookup_k}, {STEPS} steps):")
+    guard_lines = [guard_head, "", guard_text, ""] + ([f"note: {LATENT_CAVEAT}."] if inputs and inputs.latent else []) \
+        if guard_rows else []
+    guard_lines += [f"note: {n}" for n in guard_notes]
+    (args.output / f"{stem}.md").write_text(table + "\n" + (f"\n{compare_text}\n" if compare_text else "") +
+                                            ("\n" + "\n".join(guard_lines) + "\n" if guard_lines else ""))
 
     c = character
     print(f"\n{args.log.name}: {c['requests']} requests, {c['unique_prompts']} unique prompts, "
@@ -498,6 +1000,15 @@ def main(argv=None) -> int:
             print(f"  {label}: {info['thresholds']}, cache_steps {info['cache_steps']}")
         print()
         print(compare_text)
+    if guard_lines:
+        print()
+        if guard_rows:
+            for what, where in inputs.sources.items():
+                print(f"  {what}: {where}")
+            print(f"  token caps {inputs.describe()['token_caps']}; latent guard "
+                  f"{None if inputs.policy is None else inputs.policy.as_dict()}; "
+                  f"{len(inputs.records)} held-out records ({guard_seconds:.0f}s)")
+        print("\n".join(guard_lines))
     print(f"\nreport: {args.output}/{stem}.{{json,md,png}} ({time.perf_counter() - started:.0f}s)")
     return 0
 
