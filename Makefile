@@ -37,9 +37,15 @@ PERF_ARGS ?=
 # nirvana-train: stages and extra flags (the defaults reproduce the committed weights; see export/weights/training.json).
 TRAIN_STAGES ?= scorer,vae,unet
 TRAIN_ARGS ?=
-# nirvana-quality: prompt pairs per similarity band, held-out captions for the no-cache adherence.
+# nirvana-quality: prompt pairs per similarity band, held-out captions for the no-cache adherence,
+# tail pairs per kind (10 kinds) for the per-kind false-hit table. make calibrate measures the tail
+# with CALIBRATE_PER_KIND pairs per kind (about 1.5 s a pair on 2 cores; resumable: records are
+# appended to TAIL_RECORDS as they are measured, a run started again goes on where it stopped).
 QUALITY_PER_BAND ?= 30
 QUALITY_BASELINE ?= 500
+QUALITY_TAIL_PER_KIND ?= 20
+CALIBRATE_PER_KIND ?= 200
+TAIL_RECORDS ?= perf/results/quality/tail_records.jsonl
 QUALITY_ARGS ?=
 
 .PHONY: help venv export serve demo test test-unit fuzz perf soak perf-deps clean train quality calibrate redis-server deploy-check
@@ -53,7 +59,7 @@ help:
 	@echo "make perf    - benchmarks; results under perf/results/ (PERF_LEVELS=8 for concurrency 8 alone)"
 	@echo "make train   - retrain the embedded model's UNet, VAE and scorer into export/weights (CPU; see README)"
 	@echo "make quality - quality of approximate hits per K and similarity band; perf/results/quality/"
-	@echo "make calibrate - make quality, then write the calibrated thresholds (export/weights/calibration.json)"
+	@echo "make calibrate - measure the tail (resumable), then write thresholds and guard bounds (export/weights/calibration.json)"
 	@echo "make deploy-check - validate deploy/ offline (Kubernetes schemas, kustomize, hadolint, compose spec, cross-checks)"
 	@echo "make soak    - the long soak alone (SOAK_SECONDS=600 at concurrency 8); perf/results/soak.md"
 
@@ -107,10 +113,15 @@ train: $(INSTALLED)
 	$(BIN)/nirvana-train --stages $(TRAIN_STAGES) $(TRAIN_ARGS)
 
 quality: $(EXPORTED)
-	$(BIN)/nirvana-quality --repository $(REPO) --per-band $(QUALITY_PER_BAND) --baseline $(QUALITY_BASELINE) $(QUALITY_ARGS)
+	$(BIN)/nirvana-quality --repository $(REPO) --per-band $(QUALITY_PER_BAND) --baseline $(QUALITY_BASELINE) \
+		--tail-per-kind $(QUALITY_TAIL_PER_KIND) --tail-records perf/results/quality/tail_quick.jsonl $(QUALITY_ARGS)
 
+# The tail run (resumable), then the thresholds and the resume guard's bounds from its records,
+# written into export/weights/calibration.json (with the records beside it) and pipeline.json.
 calibrate: $(EXPORTED)
-	$(BIN)/nirvana-quality --repository $(REPO) --per-band $(QUALITY_PER_BAND) --baseline $(QUALITY_BASELINE) --write-thresholds $(QUALITY_ARGS)
+	$(BIN)/python -m nirvana_quality.tail --repository $(REPO) --records $(TAIL_RECORDS) --per-kind $(CALIBRATE_PER_KIND)
+	$(BIN)/nirvana-quality --repository $(REPO) --tail-only --table $(TAIL_RECORDS) --write-thresholds $(QUALITY_ARGS)
+	cp $(TAIL_RECORDS) export/weights/tail_records.jsonl
 
 SOAK_SECONDS ?= 600
 soak: $(EXPORTED) perf-deps

@@ -34,7 +34,7 @@ from nirvana_quality.tail import TAIL_KINDS, TAIL_KS
 BASE_STEPS = 50  # the records and every thresholds table are stated at N=50
 # The table nirvana-quality calibrated from band means (adherence gate) before the tail was measured.
 BAND_CALIBRATED_THRESHOLDS = [[0.90, 40], [0.85, 35], [0.71, 5]]
-DEFAULT_TARGET = 0.02
+DEFAULT_TARGET = 0.1  # the latent_cache default (config.pbtxt false_hit_target): README, "The resume guard"
 TARGETS = (0.01, 0.02, 0.05, 0.10)
 UPPER_PER_TARGET = 2.5  # the Wilson upper bound allowed, as a multiple of the target
 SIMILARITY_STEP = 0.01  # the grid of threshold similarities the calibration chooses from

@@ -226,7 +226,7 @@ class CacheConfig:
     # thresholds and the guard's bounds (a model calibrated for no target gets the conservative
     # defaults of nirvana.guard.CONSERVATIVE).
     guard: str = "latent"
-    false_hit_target: float = 0.02
+    false_hit_target: float = 0.1
 
     def with_model_thresholds(self, spec: "PipelineSpec") -> "CacheConfig":
         """This config, with the model's thresholds where none are configured.

@@ -65,12 +65,24 @@ def test_gate_widens_the_table():
     assert harness.calibrate(rows, gate=0.02, floor=0.0) == [[0.7, 10]]
 
 
-def test_committed_thresholds_are_what_the_rule_gives_on_the_committed_table():
-    path = embedded.WEIGHTS_DIR / embedded.CALIBRATION
-    data = json.loads(path.read_text())
-    assert data["thresholds"], "the calibration found no usable K"
-    assert harness.calibrate(data["rows"], gate=data["gate"], floor=data["floor"]) == data["thresholds"]
+@pytest.mark.timeout(240)
+def test_committed_calibration_is_what_the_tail_rule_gives_on_the_committed_records():
+    """export/weights/calibration.json holds what `make calibrate` wrote: per false-hit target the
+    thresholds and guard bounds of the tail rule, and (top level) the table that meets the
+    default target unchecked, all recomputed here from the committed tail records."""
+    from nirvana_quality import policies, tail
+
+    data = json.loads((embedded.WEIGHTS_DIR / embedded.CALIBRATION).read_text())
+    records = tail.load_records(embedded.WEIGHTS_DIR / "tail_records.jsonl")
+    assert len(records) >= 1000, "the calibration needs the committed tail records"
+    guard = data["guard"]
+    assert guard["records"] == len(records) and guard["rule"] == policies.TAIL_CALIBRATION_RULE
+    for key, committed in guard["targets"].items():
+        again = policies.calibrate_tail(records, float(key))
+        assert again["thresholds"] == committed["thresholds"] and again["guard"] == committed["guard"], key
+    assert data["thresholds"] == policies.calibrate_unguarded(records, guard["default_target"])["thresholds"]
     assert embedded.calibrated_thresholds() == data["thresholds"]
+    assert embedded.calibrated_guard() == guard
 
 
 def test_model_thresholds_beyond_the_cache_steps_extend_them():

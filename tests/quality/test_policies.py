@@ -238,7 +238,8 @@ def test_frontier_rows():
     assert guarded["steps_saved"] == pytest.approx((50 * 40 - 50) / (50 * 100))
     assert "| guarded |" in policies.markdown_frontier(rows)
     names = [p.name for p in policies.frontier_policies({"0.02": {**policies.calibrate_tail(records), "target": 0.02},
-                                                         "0.05": policies.calibrate_tail(records, 0.05)})]
+                                                         "0.05": policies.calibrate_tail(records, 0.05)},
+                                                        default_target=0.02)]
     assert names == ["paper's table", "MiniLM table", "band-calibrated table", "latent guard 0.02 (default)",
                      "latent guard 0.05"]
 
@@ -264,16 +265,16 @@ def test_cli_recalibrates_from_tail_records(tmp_path, capsys):
     assert cli.main(["--tail-only", "--table", str(records_path), "--repository", str(repo), "--output", str(out),
                      "--write-thresholds", "--calibration", str(calibration)]) == 0
     printed = capsys.readouterr().out
-    assert "latent guard 0.02 (default)" in printed and "paper's table" in printed
+    assert "latent guard 0.1 (default)" in printed and "paper's table" in printed
     for name in ("frontier.png", "tail.md", "tail.json", "tail_kind_table.json"):
         assert (out / name).stat().st_size > 0
     written = json.loads(calibration.read_text())
     assert written["rows"] == [{"k": 5}] and written["gate"] == 0.01  # the band calibration's keys kept
     guard = written["guard"]
-    assert guard["metric"] == "guidance_divergence" and guard["default_target"] == 0.02
+    assert guard["metric"] == "guidance_divergence" and guard["default_target"] == 0.1
     assert set(guard["targets"]) == {"0.01", "0.02", "0.05", "0.1"}
     # Without the guard a server serves the table that meets the target unchecked.
-    assert written["thresholds"] == policies.calibrate_unguarded(guarded_records(120), 0.02)["thresholds"]
+    assert written["thresholds"] == policies.calibrate_unguarded(guarded_records(120), 0.1)["thresholds"]
     assert embedded.calibrated_thresholds(tmp_path) == written["thresholds"]
     spec = PipelineSpec.load(repo / "latent_cache" / "1")
     assert spec.thresholds == written["thresholds"]
