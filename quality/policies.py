@@ -574,7 +574,8 @@ def _loosened(search: _Search, max_rounds: int = 10) -> _Search:
 
 
 def calibrate_tail(records: Sequence[Mapping], target: float = DEFAULT_TARGET, upper: Optional[float] = None,
-                   floor: float = harness.UNRELATED_FLOOR, min_n: Optional[int] = None) -> Dict[str, object]:
+                   floor: float = harness.UNRELATED_FLOOR, min_n: Optional[int] = None,
+                   fallbacks: Sequence[int] = CALIBRATED_FALLBACKS) -> Dict[str, object]:
     """Thresholds and latent-guard bounds for a false-hit ``target``, by :data:`TAIL_CALIBRATION_RULE`.
 
     Only the calibration records (:func:`split`) choose; the held-out ones are evaluated after.
@@ -592,7 +593,7 @@ def calibrate_tail(records: Sequence[Mapping], target: float = DEFAULT_TARGET, u
     arrays = _Arrays.of(calibration)
     allowed = constraint.most_false_hits(len(calibration))
     best: Optional[Tuple[float, _Search]] = None
-    for fallback_max_k in CALIBRATED_FALLBACKS:
+    for fallback_max_k in fallbacks:
         search = _tightened(arrays, allowed, floor, fallback_max_k)
         if search is not None:
             saved = search.policy()[1].saved
@@ -866,6 +867,9 @@ def tail_report(records: Sequence[Mapping], targets: Sequence[float] = TARGETS,
     unguarded = calibrate_unguarded(records, default_target, floor=floor)
     policies = frontier_policies(calibrations, token_calibration, default_target)
     policies.append(Policy(f"tail-calibrated table, no guard ({default_target:g})", unguarded["thresholds"]))
+    # The variant the rule no longer chooses (CALIBRATED_FALLBACKS): downgrades going on from the probe.
+    probe_variant = calibrate_tail(records, default_target, floor=floor, fallbacks=(PROBE_K,))
+    policies.append(latent_policy(probe_variant, f"latent guard {default_target:g}, fallback probe"))
     rows = frontier(heldout, policies)
     return {"records": len(records), "calibration_pairs": len(records) - len(heldout), "heldout_pairs": len(heldout),
             "targets": calibrations, "default_target": float(default_target), "token": token_calibration,
