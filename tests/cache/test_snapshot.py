@@ -136,6 +136,26 @@ def test_unknown_format_is_refused_not_loaded(tmp_path):
     assert report["entries"] == 0 and len(again) == 0
 
 
+def test_a_snapshot_written_before_the_resume_guard_is_migrated_with_a_note(tmp_path):
+    """Format 2 states have no guidance direction: they load (exact hits unchanged), the restore
+    report says so, and a guarded cache serves them only up to the unchecked K."""
+    from nirvana.guard import GuardPolicy
+
+    cache, vectors = filled_cache(2)
+    folder = persistence(cache, tmp_path).compact()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["format"] = 2
+    (folder / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
+    (tmp_path / "CURRENT").write_text(f"{folder.name} \n")
+    guarded = LatentCache(CacheConfig(), 8, guard=GuardPolicy({10: 0.5, 25: 0.5}, unchecked_max_k=5))
+    report = persistence(guarded, tmp_path).restore()
+    assert any("format 2" in p and "migrated" in p for p in report["problems"])
+    assert report["entries"] == 2
+    assert guarded.lookup(vectors[0], key(0)).status == "exact"
+    other_seed = guarded.lookup(vectors[0], key(0, seed=999))
+    assert (other_seed.status, other_seed.start_step, other_seed.guard_bound) == ("approximate", 5, None)
+
+
 def test_half_written_snapshot_is_never_loaded(tmp_path):
     cache, vectors = filled_cache(2)
     persistence(cache, tmp_path).compact()
