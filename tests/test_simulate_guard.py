@@ -148,7 +148,11 @@ def tiny_log(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_simulate_prints_the_skip_note_without_guard_inputs(tmp_path, repository, capsys):
+def test_simulate_prints_the_skip_note_without_guard_inputs(tmp_path, repository, capsys, monkeypatch):
+    # Neither a calibration file nor a calibrated repository (the exported one carries the guard's
+    # calibration in its pipeline.json: left out here, as for an uncalibrated checkpoint).
+    real = simulate.guard_inputs
+    monkeypatch.setattr(simulate, "guard_inputs", lambda *a, **k: real(*a[:7], None, *a[8:], **k))
     code = simulate.main([str(tiny_log(tmp_path)), "--model-repository", str(repository), "--policies", "",
                           "--sizes", "none", "--no-compare", "--output", str(tmp_path / "out"),
                           "--guard-calibration", str(tmp_path / "none.json"),

@@ -309,9 +309,14 @@ class LatentCache:
         if self.guard is None or step <= self.guard.unchecked_limit(self.config.base_steps, steps):
             return None
         probe_step = self.guard.probe_step(self.config.base_steps, steps)
-        if not 0 < probe_step < step or probe_step not in entry.steps:
+        if not 0 < probe_step < step:
             return None
-        stored = self.store.get((entry.entry_id, probe_step))  # a peek: the probe is not a use
+        if probe_step in entry.steps:
+            stored = self.store.get((entry.entry_id, probe_step))  # a peek: the probe is not a use
+        elif probe_step in self._held_steps(entry):
+            stored = self._fetch_shared(entry, probe_step)  # another replica admitted it: read through
+        else:
+            return None
         if stored is None or unpack_state(stored)[1] is None:
             return None
         return probe_step, unpack_state(stored)
