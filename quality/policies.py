@@ -47,7 +47,7 @@ MAX_NOVEL_COUNTED = 3  # token caps: counts above this share its cap
 PROBE_K = GuardPolicy().probe_k
 # The fallbacks the calibration chooses from: only "noise" (0). Going on from the probed state
 # ("probe", PROBE_K) saves 5 more steps per downgrade and kept the tail's per-kind averages within
-# target, but a downgrade means the new prompt already disagrees with that state: on the demo's own
+# target, but a downgrade means the new prompt already disagrees with that state: on the integration test's
 # background edit ("... on a black background" -> "... on a white background") it kept the black
 # background in 4 of 12 seeds, an average over the background kind hiding it (3% there). The
 # GuardPolicy still takes fallback "probe" for an operator who wants it.
