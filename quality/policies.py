@@ -50,7 +50,7 @@ PROBE_K = GuardPolicy().probe_k
 # target, but a downgrade means the new prompt already disagrees with that state: on the integration test's
 # background edit ("... on a black background" -> "... on a white background") it kept the black
 # background in 4 of 12 seeds, an average over the background kind hiding it (3% there). The
-# GuardPolicy still takes fallback "probe" for an operator who wants it.
+# serving side still takes a calibration naming fallback "probe" (GuardPolicy.fallback).
 CALIBRATED_FALLBACKS = (0,)
 # What a probe costs in UNet evaluations when its prediction is not used (a pass jumps to K, a
 # "noise" fallback restarts): one conditional row of a guided evaluation's two.
