@@ -131,7 +131,7 @@ def shapes_pairs(generator: Generator, seed: int = 0, per_band: int = 30, candid
         if target.caption == base.caption:
             continue
         pairs.append(PromptPair(base.caption, target.caption, kind, 0.0, int(seed * 100_000 + i), target))
-    _fill_similarities(generator, pairs)
+    fill_similarities(generator, pairs)
     return _stratify(pairs, per_band, rng, edges)
 
 
@@ -148,7 +148,9 @@ def log_pairs(generator: Generator, prompts: Sequence[str], per_band: int = 30, 
     return _stratify(pairs, per_band, np.random.default_rng([seed, 43]), edges)
 
 
-def _fill_similarities(generator: Generator, pairs: List[PromptPair]) -> None:
+def fill_similarities(generator: Generator, pairs: Sequence) -> None:
+    """Set each pair's ``similarity`` (anything with source, target and similarity): the cosine of
+    the two prompts' pooled embeddings, each prompt embedded once."""
     texts = list(dict.fromkeys([p.source for p in pairs] + [p.target for p in pairs]))
     pooled = {}
     for i in range(0, len(texts), 256):

@@ -573,6 +573,28 @@ def _loosened(search: _Search, max_rounds: int = 10) -> _Search:
     return search
 
 
+@dataclass
+class _Setup:
+    """What every calibration starts from: the constraint, the two halves of the records, the
+    calibration half as arrays and the most false hits allowed per hit count."""
+
+    constraint: Constraint
+    calibration: List[Mapping]
+    heldout: List[Mapping]
+    arrays: _Arrays
+    allowed: np.ndarray
+
+
+def _setup(records: Sequence[Mapping], target: float, upper: Optional[float],
+           min_n: Optional[int] = None) -> _Setup:
+    constraint = Constraint.for_target(target, upper, min_n)
+    calibration, heldout = split(records)
+    if not calibration:
+        raise ValueError("no calibration records: measure the tail first")
+    return _Setup(constraint, calibration, heldout, _Arrays.of(calibration),
+                  constraint.most_false_hits(len(calibration)))
+
+
 def calibrate_tail(records: Sequence[Mapping], target: float = DEFAULT_TARGET, upper: Optional[float] = None,
                    floor: float = harness.UNRELATED_FLOOR, min_n: Optional[int] = None,
                    fallbacks: Sequence[int] = CALIBRATED_FALLBACKS) -> Dict[str, object]:
@@ -586,12 +608,9 @@ def calibrate_tail(records: Sequence[Mapping], target: float = DEFAULT_TARGET, u
         min_n: A kind with fewer hits is judged as if it had this many (default: the fewest with
             which a kind with no false hit meets ``upper``).
     """
-    constraint = Constraint.for_target(target, upper, min_n)
-    calibration, heldout = split(records)
-    if not calibration:
-        raise ValueError("no calibration records: measure the tail first")
-    arrays = _Arrays.of(calibration)
-    allowed = constraint.most_false_hits(len(calibration))
+    setup = _setup(records, target, upper, min_n)
+    constraint, calibration, heldout, arrays, allowed = (setup.constraint, setup.calibration, setup.heldout,
+                                                         setup.arrays, setup.allowed)
     best: Optional[Tuple[float, _Search]] = None
     for fallback_max_k in fallbacks:
         search = _tightened(arrays, allowed, floor, fallback_max_k)
@@ -617,12 +636,9 @@ def calibrate_unguarded(records: Sequence[Mapping], target: float = DEFAULT_TARG
                         floor: float = harness.UNRELATED_FLOOR) -> Dict[str, object]:
     """The thresholds table for ``target`` without the guard (what a latent_cache with guard off
     serves): :data:`TAIL_CALIBRATION_RULE` with every K served unchecked (steps 1-3)."""
-    constraint = Constraint.for_target(target, upper)
-    calibration, heldout = split(records)
-    if not calibration:
-        raise ValueError("no calibration records: measure the tail first")
-    arrays = dataclasses.replace(_Arrays.of(calibration), guarded=False)
-    search = _tightened(arrays, constraint.most_false_hits(len(calibration)), floor, 0)
+    setup = _setup(records, target, upper)
+    constraint, calibration, heldout = setup.constraint, setup.calibration, setup.heldout
+    search = _tightened(dataclasses.replace(setup.arrays, guarded=False), setup.allowed, floor, 0)
     table = search.policy()[0] if search is not None else []
     policy = Policy(f"unguarded {target:g}", table)
     return {"target": float(target), "upper": constraint.upper, "thresholds": table,
@@ -672,12 +688,9 @@ def calibrate_token_caps(records: Sequence[Mapping], thresholds: Sequence[Sequen
                          min_n: Optional[int] = None) -> Dict[str, object]:
     """Token caps for a false-hit ``target`` under ``thresholds``, by :data:`TOKEN_CALIBRATION_RULE`
     (records annotated by :func:`with_novel_tokens`)."""
-    constraint = Constraint.for_target(target, upper, min_n)
-    calibration, heldout = split(records)
-    if not calibration:
-        raise ValueError("no calibration records: measure the tail first")
-    arrays = _Arrays.of(calibration)
-    allowed = constraint.most_false_hits(len(calibration))
+    setup = _setup(records, target, upper, min_n)
+    constraint, calibration, heldout, arrays, allowed = (setup.constraint, setup.calibration, setup.heldout,
+                                                         setup.arrays, setup.allowed)
     route = _route(arrays, thresholds)
     table_k = np.where(route >= 0, np.array(arrays.grid)[np.maximum(route, 0)], 0)
     counts = np.minimum(np.array([novel_count(r) for r in calibration]), MAX_NOVEL_COUNTED)

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from nirvana.guard import guidance_divergence
-from nirvana_quality import metrics, shapes
+from nirvana_quality import harness, metrics, shapes
 from nirvana_quality.generators import Generator
 
 NEAR_DUPLICATE, WORDING, SEVERAL = "near-duplicate", "wording", "several"
@@ -118,7 +118,7 @@ def tail_pairs(generator: Generator, per_kind: int = 200, seed: int = 0, min_sim
                 changed = tuple(chosen)
             if target.caption != base.caption:
                 candidates.append(TailPair(0, kind, base.caption, target.caption, pair_seed, target, changed))
-    _fill_similarities(generator, candidates)
+    harness.fill_similarities(generator, candidates)
     queues = [[p for p in candidates if p.kind == kind and p.similarity >= min_similarity][:per_kind]
               for kind in kinds]
     # The kinds in turn, so that a run stopped early has measured every kind about equally.
@@ -126,25 +126,6 @@ def tail_pairs(generator: Generator, per_kind: int = 200, seed: int = 0, min_sim
     for i, pair in enumerate(out):
         pair.index = i
     return out
-
-
-def _fill_similarities(generator: Generator, pairs: List[TailPair]) -> None:
-    texts = list(dict.fromkeys([p.source for p in pairs] + [p.target for p in pairs]))
-    pooled: Dict[str, np.ndarray] = {}
-    for i in range(0, len(texts), 256):
-        chunk = texts[i:i + 256]
-        for text, vec in zip(chunk, generator.embed(chunk).pooled):
-            pooled[text] = vec
-    for pair in pairs:
-        pair.similarity = float(np.dot(pooled[pair.source], pooled[pair.target]))
-
-
-def lost_attributes(scorer_preds: Dict[str, np.ndarray], reference_preds: Dict[str, np.ndarray], row: int,
-                    example: shapes.Example) -> List[str]:
-    """The attributes ``example`` names that its reference image shows and the resumed one does not."""
-    labels = example.scene.labels()
-    return [name for name in example.mentioned
-            if reference_preds[name][row] == labels[name] and scorer_preds[name][row] != labels[name]]
 
 
 def measure_chunk(generator: Generator, scorer, pairs: Sequence[TailPair], ks: Sequence[int] = TAIL_KS,

@@ -171,7 +171,7 @@ CONFIG = CacheConfig(cache_steps=(5, 10, 25), thresholds=((0.9, 25), (0.5, 10)))
 def admit_source(cache, with_guides=True):
     states = {k: torch.full(SHAPE, float(k)) for k in (5, 10, 25)}
     guides = {k: (torch.full(SHAPE, -float(k)), torch.full(SHAPE, 0.5)) for k in (5, 10, 25)} if with_guides else None
-    cache.admit(unit(0), key("source"), states, final_latents=torch.zeros(SHAPE), directions=guides)
+    cache.admit(unit(0), key("source"), states, final_latents=torch.zeros(SHAPE), guides=guides)
 
 
 def test_a_checked_hit_carries_the_probe_the_bound_and_the_fallback():

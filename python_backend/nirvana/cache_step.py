@@ -34,7 +34,7 @@ from nirvana.cache.persistence import CachePersistence
 from nirvana.cache.shared import SharedTier, SharedTierError, key_prefix
 from nirvana.cache.sync import SharedTierSync
 from nirvana.config import CacheConfig, PipelineSpec
-from nirvana.guard import DOWNGRADED, parse_verdict, policy_for
+from nirvana.guard import CHECK_FIELDS, CHECK_NUMBERS, DOWNGRADED, parse_verdict, policy_for
 from nirvana.pipeline import Batch, Results, bytes_column, per_request
 
 
@@ -52,12 +52,6 @@ class CacheCounters:
     guard_fallbacks: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # by reason
 
 
-# The lookup's outputs for the resume guard's latent check in unet_loop (see nirvana.guard):
-# PROBE_UNCOND all zeros means "not cached: compute it".
-PROBE_OUTPUTS = ("PROBE_LATENTS", "PROBE_STEP", "PROBE_DIRECTION", "PROBE_UNCOND", "GUARD_BOUND",
-                 "FALLBACK_LATENTS", "FALLBACK_STEP")
-
-
 class CacheLookup:
     """Where each request starts: an exact hit, a cached state at step K, or its own noise."""
 
@@ -67,7 +61,7 @@ class CacheLookup:
     def __call__(self, embeddings: np.ndarray, keys: List[CacheKey], enabled: np.ndarray) -> Dict[str, np.ndarray]:
         width = len(self.cache.config.cache_steps)
         latents, start, sims, status, matched = [], [], [], [], []
-        check: Dict[str, list] = {name: [] for name in PROBE_OUTPUTS}
+        check: Dict[str, list] = {name: [] for name in CHECK_FIELDS}
         zeros = np.zeros(self.spec.latent_shape, np.float32)
         save = np.zeros((len(keys), width), dtype=np.int32)
         for i, key in enumerate(keys):
@@ -103,8 +97,7 @@ class CacheLookup:
                "SIMILARITY": column(sims, np.float32), "CACHE_STATUS": bytes_column(status),
                "MATCHED_PROMPT": bytes_column(matched), "SAVE_STEPS": save}
         for name, values in check.items():
-            out[name] = (column(values, np.int32) if name.endswith("_STEP") else
-                         column(values, np.float32) if name == "GUARD_BOUND" else np.stack(values))
+            out[name] = np.stack(values) if name not in CHECK_NUMBERS else column(values, CHECK_NUMBERS[name])
         return out
 
     def _count(self, key: CacheKey, result: LookupResult, seconds: float) -> None:
@@ -164,7 +157,7 @@ class CacheAdmission:
             with self.lock:
                 # START_STEP is where the row actually started (after a guard downgrade, its fallback).
                 admitted[i, 0] = self.cache.admit(embeddings[i], key, checkpoints, final_i, was_hit=bool(starts[i] > 0),
-                                                  directions=guide)
+                                                  guides=guide)
         if admitted.any() and self.persistence is not None:
             self.persistence.sync()  # appendfsync=always: acknowledged only once on disk
         # The final latents pass through to the VAE, so admission runs whenever IMAGE is asked for.

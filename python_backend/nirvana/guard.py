@@ -57,6 +57,12 @@ FALLBACK_REASONS = (DIVERGENCE, UNGUIDED)
 NOT_CHECKED, PASSED, DOWNGRADED = "", "passed", "downgraded"
 # Where a downgraded hit goes on from (GuardPolicy.fallback).
 FALLBACK_PROBE, FALLBACK_NOISE = "probe", "noise"
+# The tensors a lookup hands unet_loop for the check (latent_cache outputs = unet_loop inputs, all or
+# none): the latent-shaped ones per row, and those that are one number per row with their dtype.
+# PROBE_UNCOND all zeros means "not cached: compute it"; GUARD_BOUND < 0 means "no check".
+CHECK_FIELDS = ("PROBE_LATENTS", "PROBE_STEP", "PROBE_DIRECTION", "PROBE_UNCOND", "GUARD_BOUND",
+                "FALLBACK_LATENTS", "FALLBACK_STEP")
+CHECK_NUMBERS = {"PROBE_STEP": "int32", "FALLBACK_STEP": "int32", "GUARD_BOUND": "float32"}
 
 
 def guidance_divergence(new_direction: torch.Tensor, cached_direction: torch.Tensor) -> float:

@@ -21,7 +21,7 @@ import torch
 from nirvana import admin
 from nirvana import inputs as rq
 from nirvana.config import OnnxModelConfig, PipelineSpec, RequestDefaults, UNetLoopConfig
-from nirvana.guard import ResumeCheck, format_verdict
+from nirvana.guard import CHECK_FIELDS, CHECK_NUMBERS, ResumeCheck, format_verdict
 from nirvana.onnx_session import OnnxModel
 from nirvana.schedulers import history_length, make_scheduler
 from nirvana.text import PromptTokenizer
@@ -185,14 +185,10 @@ class UNetLoopStep:
     all requests of one Triton batch run one loop together in :meth:`execute`.
     """
 
-    INPUTS = ("HIDDEN_STATES", "NEGATIVE_HIDDEN_STATES", "LATENTS", "START_STEP", "STEPS",
-              "GUIDANCE_SCALE", "SAVE_STEPS", "DEADLINE_NS", "PROBE_LATENTS", "PROBE_STEP", "PROBE_DIRECTION",
-              "PROBE_UNCOND", "GUARD_BOUND", "FALLBACK_LATENTS", "FALLBACK_STEP")
-    REQUIRED = INPUTS[:7]
-    # The resume guard's latent check (from the cache lookup, nirvana.cache_step.PROBE_OUTPUTS): all or none.
-    CHECK_INPUTS = INPUTS[8:]
-    STEP_INPUTS = ("PROBE_STEP", "FALLBACK_STEP", "GUARD_BOUND")  # one number per row
-    TENSOR_INPUTS = ("PROBE_LATENTS", "PROBE_DIRECTION", "PROBE_UNCOND", "FALLBACK_LATENTS")
+    REQUIRED = ("HIDDEN_STATES", "NEGATIVE_HIDDEN_STATES", "LATENTS", "START_STEP", "STEPS",
+                "GUIDANCE_SCALE", "SAVE_STEPS")
+    # DEADLINE_NS optional; the resume guard's latent check (from the cache lookup): all or none.
+    INPUTS = REQUIRED + ("DEADLINE_NS",) + CHECK_FIELDS
 
     def __init__(self, directory: Path, config: UNetLoopConfig,
                  on_engine_tick: Optional[Callable[[StepEngine], None]] = None,
@@ -325,7 +321,7 @@ class UNetLoopStep:
                 if self.resumes_from_cache else ()
             latents, hidden, negative = (inputs[n][i] for n in ("LATENTS", "HIDDEN_STATES", "NEGATIVE_HIDDEN_STATES"))
             check = self._check_for(checks, i, int(start[i]), int(steps[i]), as_tensor) if checks else None
-            guard_part = () if check is None else tuple(checks[name][i] for name in self.CHECK_INPUTS)
+            guard_part = () if check is None else tuple(checks[name][i] for name in CHECK_FIELDS)
             jobs.append(DenoiseJob(
                 latents=as_tensor(latents), prompt_embeds=as_tensor(hidden), negative_embeds=as_tensor(negative),
                 start_step=int(start[i]), steps=int(steps[i]), guidance_scale=float(guidance[i]),
@@ -336,18 +332,18 @@ class UNetLoopStep:
 
     def _check_inputs(self, inputs, rows: int) -> Optional[Dict[str, np.ndarray]]:
         """The latent check's inputs, validated, or None when the request sends none."""
-        sent = [name for name in self.CHECK_INPUTS if inputs.get(name) is not None]
+        sent = [name for name in CHECK_FIELDS if inputs.get(name) is not None]
         if not sent:
             return None
-        missing = [name for name in self.CHECK_INPUTS if name not in sent]
+        missing = [name for name in CHECK_FIELDS if name not in sent]
         if missing:
             raise rq.InvalidInput(missing[0], f"is required with {', '.join(sent)} (the resume guard's check)")
         out = {}
-        for name in self.CHECK_INPUTS:
+        for name in CHECK_FIELDS:
             value = inputs[name]
             if len(value) != rows:
                 raise rq.InvalidInput(name, f"has {len(value)} rows, LATENTS has {rows}")
-            if name in self.STEP_INPUTS:
+            if name in CHECK_NUMBERS:
                 out[name] = value.reshape(rows, -1)[:, 0]
             elif value.shape[1:] != inputs["LATENTS"].shape[1:]:
                 raise rq.InvalidInput(name, f"has shape {list(value.shape[1:])} per row, LATENTS "

@@ -229,7 +229,9 @@ class StepRangeLoop:
             else:
                 uncond = None
             guided = uncond + a.job.guidance_scale * (cond - uncond) if a.guided else cond
-            direction = None if uncond is None else (cond - uncond)[0]
+            # The guidance direction, where something reads it: a probe, a row's first call, a checkpoint.
+            wanted = a.probing or a.result.steps_run == 0 or a.step in a.result.checkpoints
+            direction = (cond - uncond)[0] if wanted and uncond is not None else None
             if a.result.steps_run == 0 and direction is not None:
                 a.result.first_direction = direction.clone()
             a.result.steps_run += 1

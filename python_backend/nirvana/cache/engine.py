@@ -410,7 +410,7 @@ class LatentCache:
 
     def admit(self, embedding: np.ndarray, key: CacheKey, checkpoints: Mapping[int, torch.Tensor],
               final_latents: Optional[torch.Tensor] = None, was_hit: bool = False,
-              directions: Optional[Mapping[int, Tuple[torch.Tensor, torch.Tensor]]] = None) -> int:
+              guides: Optional[Mapping[int, Tuple[torch.Tensor, torch.Tensor]]] = None) -> int:
         """Store a finished request's states.
 
         Args:
@@ -420,19 +420,18 @@ class LatentCache:
             final_latents: The request's final latents (for the exact-hit fast path).
             was_hit: The request started from a cached state; with ``admit_on_hit`` off,
                 it admits only its final latents.
-            directions: Step -> the request's (guidance direction, unconditional prediction) at
-                that checkpoint: stored with the states the guard may probe (its probe step).
+            guides: Step -> the request's (guidance direction, unconditional prediction) at that
+                checkpoint: stored with the state the guard probes (its probe step).
 
         Returns:
             How many states were stored.
         """
         states: Dict[int, torch.Tensor] = {}
-        directions = directions or {}
         if not was_hit or self.config.admit_on_hit:
-            probes = set() if self.guard is None else {self.guard.probe_step(self.config.base_steps, key.steps)}
-            states.update({int(k): pack_state(v, *(directions.get(int(k), (None, None)) if int(k) in probes
-                                                   else (None, None)))
-                           for k, v in checkpoints.items() if int(k) > 0})
+            probe = None if self.guard is None else self.guard.probe_step(self.config.base_steps, key.steps)
+            for step, latents in ((int(k), v) for k, v in checkpoints.items() if int(k) > 0):
+                guide = (guides or {}).get(step) if step == probe else None
+                states[step] = pack_state(latents, *guide) if guide is not None else latents
         if self.config.exact_hit and final_latents is not None:
             states[FINAL] = final_latents
         if not states:
